@@ -99,18 +99,19 @@ def _build(cls: type[T], table: dict[str, Any], where: str) -> T:
     return cls(**kwargs)
 
 
-def _set(cfg: Any, dotted: str, raw: str, where: str) -> Any:
+def _set(cfg: Any, dotted: str, raw: str, where: str, full: str | None = None) -> Any:
     """Return a copy of `cfg` with `dotted` (e.g. 'optim.lr') replaced by `raw` coerced to its type."""
+    full = full or dotted
     head, _, rest = dotted.partition(".")
     types_ = _field_types(type(cfg))
     if head not in types_:
-        raise ConfigError(f"{where}: unknown key {dotted!r} for [{type(cfg).__name__}]; known: {sorted(types_)}")
+        raise ConfigError(f"{where}: unknown key {full!r} for [{type(cfg).__name__}]; known: {sorted(types_)}")
     current = getattr(cfg, head)
     if rest:
         if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"{where}: {head!r} is not a section, cannot set {dotted!r}")
-        return dataclasses.replace(cfg, **{head: _set(current, rest, raw, where)})
-    return dataclasses.replace(cfg, **{head: _coerce(raw, types_[head], f"{where}: {dotted}")})
+            raise ConfigError(f"{where}: {head!r} is not a section, cannot set {full!r}")
+        return dataclasses.replace(cfg, **{head: _set(current, rest, raw, where, full)})
+    return dataclasses.replace(cfg, **{head: _coerce(raw, types_[head], f"{where}: {full}")})
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:

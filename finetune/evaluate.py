@@ -1,0 +1,467 @@
+"""Score reconstruction trees as the CMRxRecon2025 organisers do, with tables and figures.
+
+    python -m finetune.evaluate --set recon=<submission tree> --set reference=<FullSample tree> \
+        [--set 'methods=zero_filled=DIR2,classical=DIR3'] [--set out=runs/eval] [--set challenge_exact=false]
+
+Each reconstruction file `.../UnderSample_<Task>/<Center>/<Vendor>/P###/<file>_kus_<Pattern><R>.mat`
+(variable `img4ranking`) is paired with the hidden `.../FullSample_<Task>/<Center>/<Vendor>/P###/<file>.mat`.
+A reference file holding `img4ranking` is used as it is (the organisers' ground truth); one holding
+k-space gets its img4ranking computed with `finetune.ranking` (RSS, crop, slices, frames).
+
+Writes under `out` (every file under a temporary name, then renamed):
+- `per_file.csv`: one row per (method, file), both metric variants, status and comment;
+- `per_center_vendor.csv`: adjusted means per (Center, Vendor), as the scorer aggregates;
+- `per_contrast_pattern_R.csv`: means per contrast x sampling pattern x R (parsed from the kus name);
+- `problems.csv`: missing, extra, shape-mismatched and unreadable files, each named;
+- `results.json`: the organisers' `Result/results.json` for the first method and first task;
+  `results_all.json`: {method: {task: {"challenge_exact": ..., "clean": ...}}};
+- `figures/bars_center_vendor.png`, `figures/bars_contrast_pattern_R.png`, `figures/case_*.png`
+  (image grid: each method, the reference, and error maps);
+- `eval_config.toml`: the resolved config.
+
+Bad input never stops the run: a reference file with no reconstruction counts 0 and is listed; an extra
+reconstruction (no reference) is listed (in challenge-exact mode with the note that the official
+validation scorer stops on it); a shape mismatch scores NaN and counts 0; an unreadable file is named.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from finetune.metrics import FileScore, MetricError, results_json, score_file, summarise_groups
+from finetune.ranking import img4ranking_from_kspace
+from finetune.settings import EvalConfig
+from finetune.submission import (
+    IMG4RANKING_KEY, CaseId, SubmissionError, load_img4ranking, mat_keys, parse_kus_path, parse_reference_path,
+)
+from shards.matfile import MatFileError, read_kspace
+
+MatchKey = tuple[str, str, str, str, str, str, str]
+STATUS_OK = "ok"
+EXTRA_NOTE = "the official validation scorer stops with RuntimeError('Extra file submitted')"
+
+
+@dataclass
+class FileResult:
+    """One (method, file) row of per_file.csv."""
+
+    method: str
+    case: CaseId
+    status: str  # ok | missing | extra | shape_mismatch | error
+    recon_path: str = ""
+    reference_path: str = ""
+    score: FileScore = field(default_factory=lambda: FileScore(math.nan, math.nan, math.nan, 0, "not scored"))
+    clean: FileScore = field(default_factory=lambda: FileScore(math.nan, math.nan, math.nan, 0, "not scored"))
+    comment: str = ""
+
+
+@dataclass
+class Evaluation:
+    """Everything `evaluate` computed: rows, per-task expected counts, organiser summaries."""
+
+    methods: list[str]
+    rows: list[FileResult]
+    expected: dict[str, dict[tuple[str, str], int]]  # task -> (center, vendor) -> reference files
+    results: dict[str, dict[str, dict[str, dict[str, object]]]]  # method -> task -> variant -> json
+    images: dict[tuple[str, MatchKey], np.ndarray] = field(default_factory=dict)  # for the case figures
+
+
+def parse_methods(cfg: EvalConfig) -> list[tuple[str, Path]]:
+    """[(name, dir)]: `recon` first (as `recon_name`), then each `methods` entry "name=DIR"."""
+    out: list[tuple[str, Path]] = []
+    if cfg.recon:
+        out.append((cfg.recon_name, Path(cfg.recon)))
+    for item in cfg.methods:
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise ValueError(f"methods entry {item!r}: expected name=DIR")
+        out.append((name.strip(), Path(folder.strip())))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names must be unique, got {names}")
+    for name, folder in out:
+        if not folder.is_dir():
+            raise ValueError(f"method {name}: reconstruction folder {folder} does not exist")
+    return out
+
+
+def index_reference(
+    root: Path, task: str = ""
+) -> tuple[dict[MatchKey, tuple[CaseId, Path]], list[SubmissionError]]:
+    """Reference files under `root` (any depth) in FullSample_<Task> folders, keyed for matching."""
+    refs: dict[MatchKey, tuple[CaseId, Path]] = {}
+    problems: list[SubmissionError] = []
+    for path in sorted(root.rglob("*.mat")):
+        if len(path.parts) < 5 or not path.parts[-5].startswith("FullSample_"):
+            continue
+        try:
+            case = parse_reference_path(path)
+        except SubmissionError as exc:
+            problems.append(exc)
+            continue
+        if task and case.task != task:
+            continue
+        refs[case.match_key] = (case, path)
+    return refs, problems
+
+
+def index_recon(root: Path, task: str = "") -> tuple[list[tuple[CaseId, Path]], list[SubmissionError]]:
+    """Reconstruction files `*_kus_*.mat` under `root` (any depth), with the paths that do not parse."""
+    found: list[tuple[CaseId, Path]] = []
+    problems: list[SubmissionError] = []
+    for path in sorted(root.rglob("*_kus_*.mat")):
+        try:
+            case = parse_kus_path(path)
+        except SubmissionError as exc:
+            problems.append(exc)
+            continue
+        if task and case.task != task:
+            continue
+        found.append((case, path))
+    return found, problems
+
+
+def reference_image(path: Path, case: CaseId) -> np.ndarray:
+    """img4ranking of a reference file: read as is, or computed from its k-space."""
+    keys = mat_keys(path)
+    if IMG4RANKING_KEY in keys:
+        return np.asarray(load_img4ranking(path))
+    return img4ranking_from_kspace(read_kspace(path), case.stem)
+
+
+def _score_pair(recon: np.ndarray, ref: np.ndarray, name: str) -> tuple[str, FileScore, FileScore, str]:
+    exact = score_file(recon, ref, True, name)
+    if not exact.valid:  # shape mismatch: both variants NaN
+        return "shape_mismatch", exact, exact, f"{name}: {exact.comment}"
+    return STATUS_OK, exact, score_file(recon, ref, False, name), ""
+
+
+def evaluate(cfg: EvalConfig) -> Evaluation:
+    """Pair, score and aggregate every method's tree against the reference tree."""
+    from tqdm import tqdm
+
+    methods = parse_methods(cfg)
+    if not methods:
+        raise ValueError("nothing to evaluate: set recon=<dir> and/or methods=[\"name=DIR\"]")
+    if not cfg.reference or not Path(cfg.reference).is_dir():
+        raise ValueError(f"reference folder {cfg.reference!r} does not exist")
+    refs, ref_problems = index_reference(Path(cfg.reference), cfg.task)
+    for p in ref_problems:
+        print(f"[evaluate] reference skipped: {p}", file=sys.stderr)
+    if not refs:
+        raise ValueError(f"no FullSample_<Task>/<Center>/<Vendor>/P###/*.mat files under {cfg.reference}")
+
+    expected: dict[str, dict[tuple[str, str], int]] = {}
+    for case, _ in refs.values():
+        counts = expected.setdefault(case.task, {})
+        counts[case.group] = counts.get(case.group, 0) + 1
+
+    ref_cache: dict[MatchKey, np.ndarray | Exception] = {}
+    rows: list[FileResult] = []
+    images: dict[tuple[str, MatchKey], np.ndarray] = {}
+    for name, folder in methods:
+        found, bad = index_recon(folder, cfg.task)
+        for exc in bad:  # not in the layout: named, not scored (the official scorer would not see it)
+            rows.append(FileResult(name, CaseId("", "", "", "", "", "", "", Path(exc.path).name),
+                                   "error", recon_path=exc.path, comment=str(exc)))
+        seen: set[MatchKey] = set()
+        t0 = time.perf_counter()
+        bar = tqdm(found, desc=f"evaluate:{name}", unit="file", disable=not cfg.progress)
+        for i, (case, path) in enumerate(bar, 1):
+            key = case.match_key
+            row = FileResult(name, case, "error", recon_path=str(path))
+            rows.append(row)
+            if key not in refs:
+                row.status = "extra"
+                row.comment = f"{path}: no reference file {case.stem}.mat for this reconstruction"
+                if cfg.challenge_exact:
+                    row.comment += f" ({EXTRA_NOTE})"
+                continue
+            seen.add(key)
+            ref_case, ref_path = refs[key]
+            row.reference_path = str(ref_path)
+            try:
+                if key not in ref_cache:
+                    try:
+                        ref_cache[key] = reference_image(ref_path, ref_case)
+                    except Exception as exc:  # noqa: BLE001 - any unreadable reference is named, run goes on
+                        ref_cache[key] = SubmissionError(ref_path, f"reference unreadable ({exc})")
+                ref = ref_cache[key]
+                if isinstance(ref, Exception):
+                    raise ref
+                recon = np.asarray(load_img4ranking(path))
+                row.status, row.score, row.clean, row.comment = _score_pair(recon, ref, str(path))
+                if row.status == STATUS_OK:
+                    images[(name, key)] = recon
+                    images[("__reference__", key)] = ref
+            except (SubmissionError, MatFileError, MetricError, ValueError, OSError) as exc:
+                row.status = "error"
+                row.comment = str(exc) if str(path) in str(exc) or str(ref_path) in str(exc) else f"{path}: {exc}"
+                row.score = row.clean = FileScore(math.nan, math.nan, math.nan, 0, row.comment)
+            bar.set_postfix(files_per_s=f"{i / max(time.perf_counter() - t0, 1e-9):.1f}")
+        for key, (ref_case, ref_path) in sorted(refs.items()):
+            if key not in seen:
+                rows.append(FileResult(
+                    name, ref_case, "missing", reference_path=str(ref_path),
+                    comment=f"{ref_path}: no reconstruction {ref_case.stem}_kus_*.mat in {folder} (counts 0)",
+                ))
+        for r in rows:
+            if r.method == name and r.status != STATUS_OK:
+                print(f"[evaluate] {name}: {r.status}: {r.comment}", file=sys.stderr)
+
+    _fill_pattern(rows)
+    results: dict[str, dict[str, dict[str, dict[str, object]]]] = {}
+    for name, _ in methods:
+        for task, counts in sorted(expected.items()):
+            scored = [r for r in rows if r.method == name and r.case.task == task and r.status in (STATUS_OK, "shape_mismatch", "error")]
+            results.setdefault(name, {})[task] = {
+                "challenge_exact": results_json([(r.case.group, r.score) for r in scored], counts, True),
+                "clean": results_json([(r.case.group, r.clean) for r in scored], counts, False),
+            }
+    return Evaluation([n for n, _ in methods], rows, expected, results, images)
+
+
+def _fill_pattern(rows: list[FileResult]) -> None:
+    """Give missing rows the pattern / R another method's file of the same case was named with."""
+    known = {r.case.match_key: (r.case.pattern, r.case.R, r.case.file_name) for r in rows if r.case.pattern}
+    for r in rows:
+        if r.status == "missing" and r.case.match_key in known:
+            pattern, R, fname = known[r.case.match_key]
+            c = r.case
+            r.case = CaseId(c.task, c.modality, c.set_type, c.center, c.vendor, c.patient, c.stem, fname, pattern, R)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_csv(path: Path, header: list[str], rows: Iterable[list[object]]) -> Path:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if isinstance(v, float) and math.isnan(v) else v for v in row])
+    return _write_atomic(path, buf.getvalue().encode())
+
+
+def _nanmean(values: list[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def _nanstd(values: list[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return float(np.std(vals)) if vals else math.nan
+
+
+def write_tables(ev: Evaluation, out: Path, challenge_exact: bool = True) -> list[Path]:
+    """per_file.csv, per_center_vendor.csv, per_contrast_pattern_R.csv, problems.csv, results*.json."""
+    written = []
+    written.append(_write_csv(out / "per_file.csv", [
+        "method", "task", "modality", "center", "vendor", "patient", "contrast", "file", "pattern", "R",
+        "status", "n_images", "psnr", "ssim", "nmse", "psnr_clean", "ssim_clean", "nmse_clean",
+        "comment", "recon_path", "reference_path",
+    ], ([r.method, r.case.task, r.case.modality, r.case.center, r.case.vendor, r.case.patient, r.case.stem,
+         r.case.file_name, r.case.pattern or "", r.case.R if r.case.R is not None else "", r.status,
+         r.score.n_images, r.score.psnr, r.score.ssim, r.score.nmse, r.clean.psnr, r.clean.ssim, r.clean.nmse,
+         r.comment, r.recon_path, r.reference_path] for r in ev.rows)))
+
+    cv_rows = []
+    for method in ev.methods:
+        for task, counts in sorted(ev.expected.items()):
+            mine = [r for r in ev.rows if r.method == method and r.case.task == task and r.status != "extra"]
+            pick = (lambda r: r.score) if challenge_exact else (lambda r: r.clean)
+            groups = summarise_groups([(r.case.group, pick(r)) for r in mine], counts, challenge_exact=False)
+            for g in groups:
+                valid = [pick(r) for r in mine if r.case.group == (g.center, g.vendor) and pick(r).valid]
+                cv_rows.append([method, task, g.center, g.vendor, g.expected, g.submitted, g.psnr_adj, g.ssim_adj,
+                                g.nmse_adj, _nanmean([s.psnr for s in valid]), _nanmean([s.ssim for s in valid]),
+                                _nanmean([s.nmse for s in valid])])
+    written.append(_write_csv(out / "per_center_vendor.csv", [
+        "method", "task", "center", "vendor", "expected", "scored", "psnr_adj", "ssim_adj", "nmse_adj",
+        "psnr_mean", "ssim_mean", "nmse_mean",
+    ], cv_rows))
+
+    cpr: dict[tuple[str, str, str, str, str], list[FileResult]] = {}
+    for r in ev.rows:
+        if r.status == "extra" or not r.case.task:
+            continue
+        k = (r.method, r.case.modality, r.case.stem, r.case.pattern or "", str(r.case.R or ""))
+        cpr.setdefault(k, []).append(r)
+    cpr_rows = []
+    for k in sorted(cpr):
+        rs = cpr[k]
+        sc = [(r.score if challenge_exact else r.clean) for r in rs]
+        ok = [s for s in sc if s.valid]
+        cpr_rows.append([*k, len(rs), len(ok),
+                         _nanmean([s.psnr for s in ok]), _nanstd([s.psnr for s in ok]),
+                         _nanmean([s.ssim for s in ok]), _nanstd([s.ssim for s in ok]),
+                         _nanmean([s.nmse for s in ok]), _nanstd([s.nmse for s in ok])])
+    written.append(_write_csv(out / "per_contrast_pattern_R.csv", [
+        "method", "modality", "contrast", "pattern", "R", "files", "scored",
+        "psnr_mean", "psnr_std", "ssim_mean", "ssim_std", "nmse_mean", "nmse_std",
+    ], cpr_rows))
+
+    written.append(_write_csv(out / "problems.csv", ["method", "kind", "path", "message"], (
+        [r.method, r.status, r.recon_path or r.reference_path, r.comment] for r in ev.rows if r.status != STATUS_OK
+    )))
+
+    variant = "challenge_exact" if challenge_exact else "clean"
+    first_method = ev.methods[0]
+    first_task = sorted(ev.results[first_method])[0]
+    written.append(_write_atomic(out / "results.json",
+                                 json.dumps(ev.results[first_method][first_task][variant], indent=4).encode()))
+    written.append(_write_atomic(out / "results_all.json", json.dumps(ev.results, indent=2).encode()))
+    return written
+
+
+def _savefig(fig: object, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
+    return _write_atomic(path, buf.getvalue())
+
+
+def _bars(ax: object, labels: list[str], series: dict[str, list[float]], title: str) -> None:
+    n = max(len(series), 1)
+    width = 0.8 / n
+    x = np.arange(len(labels))
+    for i, (method, values) in enumerate(series.items()):
+        ax.bar(x + (i - (n - 1) / 2) * width, np.nan_to_num(values, nan=0.0), width, label=method)  # type: ignore[attr-defined]
+    ax.set_xticks(x)  # type: ignore[attr-defined]
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)  # type: ignore[attr-defined]
+    ax.set_title(title, fontsize=9)  # type: ignore[attr-defined]
+
+
+def write_figures(ev: Evaluation, out: Path, n_cases: int = 3, challenge_exact: bool = True) -> list[Path]:
+    """Metric bars per (center, vendor) and per contrast x pattern x R, and image / error grids."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    variant = "challenge_exact" if challenge_exact else "clean"
+    groups = sorted({(t, g) for t, counts in ev.expected.items() for g in counts})
+    labels = [f"{t}/{c}_{v}" if len(ev.expected) > 1 else f"{c}_{v}" for t, (c, v) in groups]
+    fig, axes = plt.subplots(1, 3, figsize=(max(10, 1.2 * len(labels) + 4), 3.8), layout="constrained")
+    for ax, metric in zip(axes, ("PSNR", "SSIM", "NMSE")):
+        series = {m: [ev.results[m][t][variant].get(f"{c}_{v}_{metric}_adj", math.nan) for t, (c, v) in groups]
+                  for m in ev.methods}
+        _bars(ax, labels, series, f"{metric}_adj per center/vendor")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"CMRxRecon2025 scoring ({variant.replace('_', '-')})", fontsize=10)
+    written.append(_savefig(fig, out / "figures" / "bars_center_vendor.png"))
+    plt.close(fig)
+
+    keys = sorted({(r.case.stem, r.case.pattern or "?", r.case.R or 0) for r in ev.rows if r.case.task and r.status != "extra"})
+    fig, axes = plt.subplots(1, 3, figsize=(max(10, 0.8 * len(keys) + 4), 3.8), layout="constrained")
+    for ax, metric in zip(axes, ("psnr", "ssim", "nmse")):
+        series = {}
+        for m in ev.methods:
+            vals = []
+            for stem, pattern, R in keys:
+                sc = [(r.score if challenge_exact else r.clean) for r in ev.rows
+                      if r.method == m and r.case.stem == stem and (r.case.pattern or "?") == pattern
+                      and (r.case.R or 0) == R and r.status == STATUS_OK]
+                vals.append(_nanmean([getattr(s, metric) for s in sc]))
+            series[m] = vals
+        _bars(ax, [f"{s} {p}{R}" for s, p, R in keys], series, f"mean {metric.upper()} per contrast x pattern x R")
+    axes[0].legend(fontsize=7)
+    written.append(_savefig(fig, out / "figures" / "bars_contrast_pattern_R.png"))
+    plt.close(fig)
+
+    # Image grids: baselines first, the first (primary) method last, next to the reference.
+    order = ev.methods[1:] + ev.methods[:1]
+    primary = ev.methods[0]
+    cases = sorted(k for (m, k) in ev.images if m == primary)[: max(n_cases, 0)]
+    for key in cases:
+        ref = _first_image(ev.images[("__reference__", key)])
+        shown = [(m, _first_image(ev.images[(m, key)])) for m in order if (m, key) in ev.images]
+        ncol = len(shown) + 1
+        fig, axes = plt.subplots(2, ncol, figsize=(2.2 * ncol, 4.6), squeeze=False, layout="constrained")
+        refn = _norm(ref)
+        vmax_err = max([float(np.abs(_norm(img) - refn).max()) for _, img in shown] + [1e-6])
+        for j, (m, img) in enumerate(shown):
+            axes[0, j].imshow(_norm(img).T, cmap="gray", vmin=0, vmax=1.2)
+            axes[0, j].set_title(m, fontsize=8)
+            axes[1, j].imshow(np.abs(_norm(img) - refn).T, cmap="magma", vmin=0, vmax=vmax_err)
+            axes[1, j].set_title(f"|{m} - reference|", fontsize=7)
+        axes[0, -1].imshow(refn.T, cmap="gray", vmin=0, vmax=1.2)
+        axes[0, -1].set_title("reference", fontsize=8)
+        axes[1, -1].axis("off")
+        for ax in axes.ravel():
+            ax.set_xticks([])
+            ax.set_yticks([])
+        stem = "_".join(key[3:])  # center_vendor_patient_file
+        fig.suptitle(f"{key[0]} {key[1]} {stem} (first slice, first frame)", fontsize=8)
+        written.append(_savefig(fig, out / "figures" / f"case_{key[0]}_{key[1]}_{stem}.png"))
+        plt.close(fig)
+    return written
+
+
+def _first_image(arr: np.ndarray) -> np.ndarray:
+    """The first 2-D image (first slice, first frame) of an img4ranking array (MATLAB order)."""
+    return np.asarray(arr)[(slice(None), slice(None)) + (0,) * (np.ndim(arr) - 2)]
+
+
+def _norm(img: np.ndarray) -> np.ndarray:
+    """The scorer's per-image 99.5th-percentile normalisation, for display."""
+    from finetune.metrics import normalize_percentile
+
+    return normalize_percentile(img)
+
+
+def run(cfg: EvalConfig) -> Evaluation:
+    """Evaluate and write every output under `cfg.out`."""
+    from launch.cli import dump_config
+
+    out = Path(cfg.out)
+    dump_config(cfg, out / "eval_config.toml")
+    ev = evaluate(cfg)
+    write_tables(ev, out, cfg.challenge_exact)
+    if cfg.figures:
+        write_figures(ev, out, cfg.n_cases, cfg.challenge_exact)
+    return ev
+
+
+def main(argv: list[str] | None = None) -> int:
+    from launch.cli import parse_args
+
+    cfg = parse_args(EvalConfig, argv, description=__doc__.splitlines()[0])
+    try:
+        ev = run(cfg)
+    except ValueError as exc:
+        print(f"[evaluate] error: {exc}", file=sys.stderr)
+        return 2
+    variant = "challenge_exact" if cfg.challenge_exact else "clean"
+    for method in ev.methods:
+        for task, res in sorted(ev.results[method].items()):
+            summary = {k: v for k, v in res[variant].items() if k.startswith("Mean_of_all") or k == "Num_Files"}
+            print(f"[evaluate] {method} {task} ({variant}): {summary}")
+    n_bad = sum(r.status != STATUS_OK for r in ev.rows)
+    print(f"[evaluate] tables, results.json and figures in {cfg.out} ({n_bad} problem row(s), see problems.csv)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""ReconModel: an unrolled, physics-aware reconstruction network (VarNet / PromptMR+ / SDUM family).
+
+    forward(kspace, mask, meta):
+        sensitivities      S  = SensitivityModel(k0, M)            ACS block -> CNN -> / RSS
+        zero-filled image  x  = S^H F^H M k0
+        for each cascade:  x' = Backbone(x, conditioning(meta))    transformer refinement (image domain)
+                           k  = DC(F S x', k0, M)                  soft or hard data consistency
+                           x  = S^H F^H k
+        return image x, multi-coil k-space k, sensitivities S
+
+One call signature for self-supervised pretraining (k0, M = the Theta split of the acquired
+samples; the loss reads `kspace` on the held-out Lambda set) and for supervised fine-tuning (loss on
+`image` against the reference). Cascades have separate weights by default (VarNet, SDUM);
+`share_weights` runs one cascade `cascades` times instead.
+
+Shapes: kspace complex64 (B, T, C, Y, X), mask float32 (B, T, Y, X), meta list of B dicts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from torch import nn
+
+from models.backbone import Backbone
+from models.coils import SensitivityModel, sense_adjoint, sense_forward
+from models.conditioning import Conditioning
+from models.consistency import DataConsistency
+
+if TYPE_CHECKING:
+    from models.sizes import ModelConfig
+
+
+class Cascade(nn.Module):
+    """One unrolled iteration: backbone refinement, then data consistency in k-space."""
+
+    def __init__(self, cfg: "ModelConfig", device=None, dtype=None) -> None:
+        super().__init__()
+        self.backbone = Backbone(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.patch,
+                                 checkpointing=cfg.activation_checkpointing, device=device, dtype=dtype)
+        self.dc = DataConsistency(cfg.dc_mode, device=device, dtype=dtype)
+
+    def forward(self, image: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor, sens: torch.Tensor,
+                cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image (B, T, Y, X), measured (B, T, C, Y, X), mask (B, T, Y, X), sens (B, 1, C, Y, X),
+        cond (B, K, D) -> (image (B, T, Y, X), kspace (B, T, C, Y, X)), complex64."""
+        refined = self.backbone(image, cond)
+        kspace = self.dc(sense_forward(refined, sens), measured, mask)
+        return sense_adjoint(kspace, sens), kspace
+
+
+class ReconModel(nn.Module):
+    """Sensitivities -> zero-filled image -> cascades of (backbone + data consistency).
+
+    Build it with `models.sizes.build_model(cfg_or_size, device, dtype)`; `cfg` here must be resolved
+    (no None fields). `self.config` keeps it, for export next to the weights.
+    """
+
+    def __init__(self, cfg: "ModelConfig", device=None, dtype=None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.sensitivities = SensitivityModel(cfg.sens_channels, cfg.sens_layers, device=device, dtype=dtype)
+        self.conditioning = Conditioning(cfg.dim, device=device, dtype=dtype)
+        self.cascades = nn.ModuleList(
+            Cascade(cfg, device=device, dtype=dtype) for _ in range(1 if cfg.share_weights else cfg.cascades))
+        self.iterations = cfg.cascades
+
+    def unrolled(self) -> Iterator[Cascade]:
+        """The cascades in order (the one shared cascade `iterations` times when weights are shared)."""
+        for i in range(self.iterations):
+            yield self.cascades[i % len(self.cascades)]
+
+    def forward(self, kspace: torch.Tensor, mask: torch.Tensor, meta: list[dict]) -> dict[str, torch.Tensor]:
+        """Reconstruct a batch of undersampled multi-coil slices.
+
+        Args:
+            kspace: complex64 (B, T, C, Y, X), the acquired k-space (values off the mask are ignored).
+            mask: float32 (B, T, Y, X), 1 where acquired.
+            meta: B dicts with (some of) modality, view, pattern, R, vendor, field_T.
+        Returns:
+            image: complex64 (B, T, Y, X), coil-combined reconstruction.
+            kspace: complex64 (B, T, C, Y, X), the last cascade's multi-coil k-space after data
+                consistency (equal to the input at sampled locations in "hard" mode).
+            sens: complex64 (B, 1, C, Y, X), sensitivities shared by the T frames.
+        """
+        self._check(kspace, mask, meta)
+        measured = kspace.to(torch.complex64) * mask.unsqueeze(2)
+        sens = self.sensitivities(measured, mask)
+        cond = self.conditioning(meta)  # (B, 6, D): one token per metadata field
+        image = sense_adjoint(measured, sens)  # zero-filled, coil-combined
+        estimate = measured
+        for cascade in self.unrolled():
+            image, estimate = cascade(image, measured, mask, sens, cond)
+        return {"image": image, "kspace": estimate, "sens": sens}
+
+    @staticmethod
+    def _check(kspace: torch.Tensor, mask: torch.Tensor, meta: list[dict]) -> None:
+        if kspace.ndim != 5 or not kspace.is_complex():
+            raise ValueError(f"kspace must be complex (B, T, C, Y, X), got {tuple(kspace.shape)} {kspace.dtype}")
+        b, t, _, y, x = kspace.shape
+        if tuple(mask.shape) != (b, t, y, x):
+            raise ValueError(f"mask must be (B, T, Y, X) = {(b, t, y, x)} to match kspace, got {tuple(mask.shape)}")
+        if len(meta) != b:
+            raise ValueError(f"meta has {len(meta)} entries for a batch of {b}")
+

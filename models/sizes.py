@@ -1,0 +1,116 @@
+"""Named model sizes and the one builder: `build_model(cfg_or_size, device=None, dtype=None)`.
+
+A stage config names a size and may override single fields (TOML `[model]` section):
+
+    [model]
+    size = "tiny"
+    cascades = 2          # every other field is left out, i.e. None: the size's value is used
+
+Rule: each architecture field left at None takes the value of `SIZES[size]`; a field that is set
+wins. That is all (`resolve_config`). `activation_checkpointing` is not part of a size and defaults
+to off.
+
+`python -m models.sizes` prints each size's parameter count (`1b` is built on the meta device: no
+memory is allocated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from models.backbone import token_count
+from models.conditioning import FIELDS
+from models.recon import ReconModel
+
+
+@dataclass
+class ModelConfig:
+    """The reconstruction model's architecture (a `[model]` section of a stage config)."""
+
+    size: str = "tiny"
+    """Named size in SIZES: "tiny", "small", "base" or "1b"; None fields below take its values."""
+    dim: int | None = None
+    """Token width D of every backbone."""
+    depth: int | None = None
+    """Transformer blocks per cascade."""
+    heads: int | None = None
+    """Attention heads (dim must divide by it)."""
+    mlp_ratio: float | None = None
+    """MLP hidden width / dim."""
+    patch: int | None = None
+    """Square patch size in pixels; the image is zero-padded to a multiple of it and cropped back."""
+    cascades: int | None = None
+    """Unrolled iterations of backbone + data consistency."""
+    share_weights: bool | None = None
+    """One cascade's weights reused for every iteration (False: separate weights, as VarNet/SDUM)."""
+    dc_mode: str | None = None
+    """Data consistency: "soft" (learned weight) or "hard" (exact replacement)."""
+    sens_channels: int | None = None
+    """Width of the coil-sensitivity refinement CNN."""
+    sens_layers: int | None = None
+    """Convolutions in the coil-sensitivity refinement CNN (>= 2)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass (saves activation memory)."""
+
+
+SIZES: dict[str, ModelConfig] = {
+    # ~0.3M parameters: tests, CI and the 2-core demo pipeline
+    "tiny": ModelConfig("tiny", dim=64, depth=2, heads=4, mlp_ratio=4.0, patch=4, cascades=3,
+                        share_weights=False, dc_mode="soft", sens_channels=8, sens_layers=3),
+    # ~19M: CPU-trainable experiments
+    "small": ModelConfig("small", dim=256, depth=6, heads=4, mlp_ratio=4.0, patch=8, cascades=4,
+                         share_weights=False, dc_mode="soft", sens_channels=16, sens_layers=3),
+    # ~101M
+    "base": ModelConfig("base", dim=512, depth=8, heads=8, mlp_ratio=4.0, patch=8, cascades=4,
+                        share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=4),
+    # ~1.01B: 4 cascades x 20 blocks of ViT-L width (D 1024, 16 heads of 64)
+    "1b": ModelConfig("1b", dim=1024, depth=20, heads=16, mlp_ratio=4.0, patch=8, cascades=4,
+                      share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=5),
+}
+
+
+def resolve_config(cfg: ModelConfig | str) -> ModelConfig:
+    """A size name or a partial config -> a config with every field set (None fields from the size)."""
+    if isinstance(cfg, str):
+        cfg = ModelConfig(size=cfg)
+    if cfg.size not in SIZES:
+        raise ValueError(f"unknown model size {cfg.size!r}; known sizes: {sorted(SIZES)}")
+    base = SIZES[cfg.size]
+    filled = {f.name: getattr(base, f.name) if getattr(cfg, f.name) is None else getattr(cfg, f.name)
+              for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**filled)
+
+
+def build_model(cfg: ModelConfig | str, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None) -> ReconModel:
+    """Build the ReconModel for a size name or a (partial) ModelConfig.
+
+    device="meta" allocates nothing (parameter counting, torchtitan-style deferred init); under
+    deepspeed.zero.Init leave device None and the parameters are partitioned as they are created.
+    """
+    return ReconModel(resolve_config(cfg), device=device, dtype=dtype)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Number of parameters (shared ones counted once; works on the meta device)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def tokens_per_sample(cfg: ModelConfig | str, frames: int, ny: int, nx: int) -> int:
+    """Tokens through each backbone for one (frames, ny, nx) sample, conditioning tokens included."""
+    cfg = resolve_config(cfg)
+    return token_count(frames, ny, nx, cfg.patch, cond_tokens=len(FIELDS))
+
+
+def main() -> None:
+    print(f"{'size':<6} {'parameters':>15}  tokens/sample (3 x 162 x 448)")
+    for name in SIZES:
+        model = build_model(name, device="meta")
+        print(f"{name:<6} {parameter_count(model):>15,}  {tokens_per_sample(name, 3, 162, 448):,}")
+
+
+if __name__ == "__main__":
+    main()

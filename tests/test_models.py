@@ -1,0 +1,157 @@
+"""models/: shapes (odd included), conditioning, sizes, meta-device 1b, dtype, checkpointing, configs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from launch.cli import load_config
+from models.backbone import token_count
+from models.conditioning import FIELDS, vocabulary_index
+from models.sizes import SIZES, ModelConfig, build_model, parameter_count, resolve_config, tokens_per_sample
+
+META = {"modality": "Cine", "view": "lax_4ch", "pattern": "ktRadial", "R": 16, "vendor": "Siemens", "field_T": 3.0}
+
+
+def _batch(b: int = 1, t: int = 3, c: int = 3, y: int = 21, x: int = 33, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    kspace = torch.randn(b, t, c, y, x, dtype=torch.complex64, generator=g)
+    mask = (torch.rand(b, t, y, x, generator=g) < 0.35).float()
+    mask[:, :, y // 2 - 3: y // 2 + 3] = 1  # an ACS band
+    return kspace * mask.unsqueeze(2), mask
+
+
+@pytest.mark.parametrize("shape", [(3, 21, 33), (1, 17, 9), (2, 16, 24)])
+def test_outputs_keep_input_shapes_odd_included(shape: tuple[int, int, int]) -> None:
+    t, y, x = shape
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    kspace, mask = _batch(2, t, 3, y, x)
+    out = model(kspace, mask, [META, {}])
+    assert out["image"].shape == (2, t, y, x) and out["image"].dtype == torch.complex64
+    assert out["kspace"].shape == (2, t, 3, y, x) and out["kspace"].dtype == torch.complex64
+    assert out["sens"].shape == (2, 1, 3, y, x) and out["sens"].dtype == torch.complex64
+    assert torch.isfinite(torch.view_as_real(out["image"])).all()
+
+
+def test_changing_the_conditioning_changes_the_output() -> None:
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    kspace, mask = _batch()
+    with torch.no_grad():
+        a = model(kspace, mask, [META])["image"]
+        b = model(kspace, mask, [{**META, "pattern": "Uniform", "R": 8}])["image"]
+        a2 = model(kspace, mask, [dict(META)])["image"]
+    assert torch.equal(a, a2)
+    assert (a - b).abs().max() > 1e-4 * a.abs().max()
+
+
+def test_unknown_vendor_runs_and_uses_the_unknown_embedding() -> None:
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    kspace, mask = _batch()
+    unseen = {**META, "vendor": "Canon", "field_T": 9.4}
+    with torch.no_grad():
+        out_unseen = model(kspace, mask, [unseen])["image"]
+        out_missing = model(kspace, mask, [{k: v for k, v in META.items() if k not in ("vendor", "field_T")}])["image"]
+    assert torch.isfinite(torch.view_as_real(out_unseen)).all()
+    assert torch.equal(out_unseen, out_missing)  # unseen and missing both map to "unknown"
+    assert vocabulary_index("vendor", "Canon") == vocabulary_index("vendor", None) == 0
+    assert vocabulary_index("vendor", "SIEMENS") == vocabulary_index("vendor", "siemens") > 0
+    assert vocabulary_index("field_T", 3.0) == vocabulary_index("field_T", "3") > 0
+    assert vocabulary_index("R", True) == 0 and vocabulary_index("view", "") == 0
+
+
+def test_1b_builds_on_the_meta_device_with_its_parameter_count_in_range() -> None:
+    model = build_model("1b", device="meta")
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert 0.95e9 <= parameter_count(model) <= 1.05e9
+
+
+def test_size_ladder() -> None:
+    counts = {name: parameter_count(build_model(name, device="meta")) for name in ("tiny", "small", "base")}
+    assert counts["tiny"] < 1e6
+    assert counts["tiny"] < counts["small"] < counts["base"]
+    assert 80e6 <= counts["base"] <= 120e6
+    assert tokens_per_sample("1b", 3, 162, 448) == 3 * 21 * 56 + len(FIELDS) == token_count(3, 162, 448, 8, 6)
+
+
+def test_tiny_forward_backward_on_cpu_has_finite_gradients() -> None:
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    kspace, mask = _batch(2)
+    target = torch.randn(2, 3, 21, 33, dtype=torch.complex64)
+    out = model(kspace, mask, [META, {}])
+    loss = (out["image"] - target).abs().mean() + out["kspace"].abs().mean()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.cascades[-1].backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_activation_checkpointing_gives_the_same_output_and_gradients() -> None:
+    kspace, mask = _batch()
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(size="tiny", activation_checkpointing=checkpointing))
+        out = model(kspace, mask, [META])["image"]
+        out.abs().sum().backward()
+        grads.append((out.detach(), model.cascades[0].backbone.blocks[0].mlp.fc1.weight.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_bf16_parameters_keep_the_physics_in_complex64() -> None:
+    torch.manual_seed(0)
+    model = build_model("tiny", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    kspace, mask = _batch()
+    out = model(kspace, mask, [META])
+    assert out["image"].dtype == out["kspace"].dtype == out["sens"].dtype == torch.complex64
+    assert torch.isfinite(torch.view_as_real(out["image"])).all()
+
+
+def test_shared_weights_run_one_cascade_several_times() -> None:
+    shared = build_model(ModelConfig(size="tiny", share_weights=True), device="meta")
+    separate = build_model("tiny", device="meta")
+    assert len(shared.cascades) == 1 and len(list(shared.unrolled())) == SIZES["tiny"].cascades
+    assert parameter_count(shared) < parameter_count(separate)
+
+
+def test_overrides_combine_with_the_named_size() -> None:
+    cfg = resolve_config(ModelConfig(size="small", cascades=2, dc_mode="hard"))
+    assert (cfg.cascades, cfg.dc_mode, cfg.dim, cfg.depth) == (2, "hard", SIZES["small"].dim, SIZES["small"].depth)
+    assert all(v is not None for v in dataclasses.asdict(cfg).values())
+    assert resolve_config("1b") == SIZES["1b"]
+    with pytest.raises(ValueError, match="unknown model size 'huge'"):
+        resolve_config("huge")
+    with pytest.raises(ValueError, match="data consistency mode"):
+        build_model(ModelConfig(dc_mode="sloppy"), device="meta")
+
+
+@dataclass
+class _Stage:
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def test_model_section_loads_from_toml(tmp_path) -> None:
+    path = tmp_path / "stage.toml"
+    path.write_text('[model]\nsize = "tiny"\ncascades = 2\n')
+    cfg = load_config(_Stage, path, ["model.activation_checkpointing=true"])
+    model = build_model(cfg.model, device="meta")
+    assert len(model.cascades) == 2 and model.config.dim == SIZES["tiny"].dim
+    assert model.cascades[0].backbone.checkpointing
+
+
+def test_bad_shapes_are_reported() -> None:
+    model = build_model("tiny")
+    kspace, mask = _batch()
+    with pytest.raises(ValueError, match="mask must be"):
+        model(kspace, mask[:, :2], [META])
+    with pytest.raises(ValueError, match="meta has 2 entries"):
+        model(kspace, mask, [META, META])

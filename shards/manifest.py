@@ -1,0 +1,94 @@
+"""`manifest.json`: the record of a shard directory, written last and atomically.
+
+A shard directory is valid exactly as far as its manifest says: the loader reads only the shards the
+manifest lists (a stray `*.tar` from an interrupted run is ignored), and a rerun of the converter
+skips the source files the manifest lists as done. The manifest is written under a temporary name and
+`os.replace`d, so a crash leaves either the old manifest or the new one, never half of one.
+
+    {
+      "schema_version": 1,                  # shards.sample.SCHEMA_VERSION of every sample
+      "input": "/abs/path/of/the/tree",
+      "shards": [{"name": "train-000000.tar", "split": "train", "samples": 12,
+                  "bytes": 123456, "sha256": "..."}],
+      "sources": {"ChallengeData/.../cine_sax.mat": {"samples": 3, "split": "train"}},
+      "errors": [{"source": "ChallengeData/.../bad.mat", "problem": "..."}],
+      "config": {...}                       # the ConvertConfig that wrote it
+    }
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """An unreadable or incompatible manifest."""
+
+
+@dataclass
+class ShardEntry:
+    name: str          # file name relative to the shard directory
+    split: str         # "train" | "val" | "test"
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    schema_version: int
+    input: str = ""
+    shards: list[ShardEntry] = field(default_factory=list)
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)   # source path -> {"samples", "split"}
+    errors: list[dict[str, str]] = field(default_factory=list)          # {"source", "problem"}
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def shard_paths(self, directory: str | os.PathLike, split: str | None = None) -> list[Path]:
+        """Absolute paths of the listed shards (of one split, or all), in manifest order."""
+        return [Path(directory) / s.name for s in self.shards if split is None or s.split == split]
+
+    def samples(self, split: str | None = None) -> int:
+        return sum(s.samples for s in self.shards if split is None or s.split == split)
+
+    def write(self, directory: str | os.PathLike) -> Path:
+        """Write `<directory>/manifest.json` atomically (temporary file, fsync, os.replace)."""
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_name(MANIFEST_NAME + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> "Manifest":
+        path = Path(directory) / MANIFEST_NAME
+        try:
+            raw = json.loads(path.read_text())
+            raw["shards"] = [ShardEntry(**s) for s in raw.get("shards", [])]
+            return cls(**raw)
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: no manifest (not a converted shard directory?)") from None
+        except (ValueError, TypeError) as exc:
+            raise ManifestError(f"{path}: unreadable manifest ({exc})") from None
+
+    @classmethod
+    def read_if_exists(cls, directory: str | os.PathLike) -> "Manifest | None":
+        return cls.read(directory) if (Path(directory) / MANIFEST_NAME).exists() else None
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

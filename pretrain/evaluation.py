@@ -3,7 +3,9 @@
 For every held-out sample with a fully sampled reference (`has_target`):
 
     reference  = RSS(F^H target)                    (T, Y, X) magnitude, coil-combined
-    recon      = |model(kspace, mask, meta)["image"]|
+    recon      = RSS(F^H model(kspace, mask, meta)["kspace"])   the data-consistent output k-space,
+                                                    combined exactly as the reference and the
+                                                    challenge (sum of squares), as finetune does
     zero-filled = RSS(F^H kspace)
     PSNR = 10 log10(max(reference)^2 / MSE),  SSIM = models.losses.ssim per frame, data_range = max(reference)
 
@@ -58,7 +60,7 @@ def evaluate(model: Any, batches: Iterable[dict], device: str | torch.device, ma
         if i >= max_batches:
             break
         kspace, mask = batch["kspace"].to(device), batch["mask"].to(device)
-        image = model(kspace, mask, batch["meta"])["image"].abs().float().cpu()   # (B, T, Y, X)
+        image = rss(ifft2c(model(kspace, mask, batch["meta"])["kspace"].cpu()))   # (B, T, Y, X)
         keep = batch["has_target"].bool()
         if not keep.any():
             continue

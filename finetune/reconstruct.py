@@ -1,0 +1,376 @@
+"""Reconstruct a challenge folder with the backbone + the adapter of each file's contrast and pattern.
+
+    python -m finetune.reconstruct --set input=<validation-style tree> --set out=<dir> \
+        [--set backbone=out/pretrain] [--set adapters=out/adapters] [--set methods=cmrfm,zero_filled,sense]
+
+For each `<Task>/MultiCoil/<Modality>/ValidationSet/UnderSample_<Task>/.../<file>_kus_<Pattern><R>.mat`
+with its `Mask_<Task>/.../<file>_mask_<Pattern><R>.mat` (docs/cmrxrecon.md §2.2):
+
+1. the adapter `<contrast>_<pattern>` of the bank (contrast = the modality folder, lower case;
+   pattern from the file name, checked against the mask's structure) is merged into a copy of the
+   backbone; no adapter -> the bare backbone, said in the log;
+2. every needed slice and frame is reconstructed with a sliding temporal window of the model's T
+   frames: frame t is read from the window that has it in the centre (moved inside the series at
+   its ends, so the model sees windows like the training ones, never a replicated edge); each window
+   is divided by `shards.normalise.kspace_scale` (the loader's normalisation) and multiplied back;
+3. the RSS image of the model's multi-coil k-space goes through `finetune.ranking.crop_selected` and
+   `finetune.submission.save_img4ranking`: `img4ranking`, float32, MAT v5, same relative path and
+   file name under `out`, written under a temporary name and renamed (§6.4).
+
+Only the slices and frames img4ranking scores are reconstructed unless `full_volumes` is set; then
+every slice and frame is, and the magnitude volume (MATLAB order (nx, ny, nz, nt), key `img`) is
+also written to `<out>_volumes/<same relative path>` (outside the submission tree: the validation
+scorer rejects extra files). A fastMRI folder (`*.h5` with a complex `kspace`) gives `<out>/<same
+name>.h5` holding `reconstruction` (slices, readout, phase) float32, fastMRI's orientation.
+
+`methods` adds baselines side by side: `zero_filled`, `sense`, `l1_wavelet` (finetune.classical)
+write the same tree to `<out>_<method>`. Bad input (no mask, unknown contrast or pattern, a shape
+the model cannot take, a missing or broken adapter) gets one message naming the file; the rest of
+the folder is still processed; the messages are also in `<out>/reconstruct_report.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from tqdm import tqdm
+
+from finetune.ranking import crop_selected, select_frames, select_slices
+from finetune.settings import ReconstructRun
+from finetune.submission import SubmissionError, mask_path, parse_kus_path, save_img4ranking
+from launch.cli import dump_config, parse_args
+from models.adapters import load_adapter, merge_adapters
+from models.coils import rss
+from models.fft import ifft2c
+from models.recon import ReconModel
+from pretrain.checkpoint import BACKBONE, CheckpointError, load_backbone
+from shards.layout import parse_scanner, view_of
+from shards.masks import PATTERNS_2025
+from shards.matfile import MatFileError, is_fastmri, read_fastmri, read_kspace, read_mask, write_mat5
+from shards.normalise import kspace_scale
+
+#: modality folders of the 2023-2025 releases (docs/cmrxrecon.md §2): anything else is "unknown contrast".
+KNOWN_CONTRASTS = ("cine", "lge", "mapping", "t1rho", "t1w", "t2w", "blackblood", "flow2d", "perfusion",
+                   "aorta", "tagging")
+KNOWN_PATTERNS = PATTERNS_2025 + ("ktUniform",)
+#: smallest (ny, nx) reconstructed: img4ranking keeps ny/2 x nx/3 and the scorer's SSIM needs 7 x 7.
+MIN_MATRIX = (14, 21)
+
+
+class ReconstructError(ValueError):
+    """One input that cannot be reconstructed; the message names the file and the problem."""
+
+    def __init__(self, path: object, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}")
+
+
+# ---- which model ---------------------------------------------------------------------------------
+
+
+def infer_pattern(mask: np.ndarray) -> str:
+    """The 2025 pattern family from a mask's structure (nt, ny, nx): ktRadial masks vary along the
+    readout, ktGaussian masks change between frames, Uniform masks do neither (trap 6)."""
+    m = np.asarray(mask) > 0
+    if (m != m[:, :, :1]).any():
+        return "ktRadial"
+    if m.shape[0] > 1 and (m != m[:1]).any():
+        return "ktGaussian"
+    return "Uniform"
+
+
+class ModelBank:
+    """The backbone and, per `<contrast>_<pattern>`, a copy with that adapter merged in (cached).
+
+    A missing or unreadable adapter falls back to the bare backbone; `notes` receives one message
+    per input file that does so, naming the file and the adapter.
+    """
+
+    def __init__(self, backbone: str, adapters: str, device: torch.device) -> None:
+        self.device = device
+        self.backbone = load_backbone(backbone, device=device).eval()
+        self.adapters = Path(adapters) if adapters else None
+        self.cache: dict[str, tuple[ReconModel, str | None]] = {}
+
+    def _load(self, name: str) -> tuple[ReconModel, str | None]:
+        """(model, problem): the model for adapter `name`, or the backbone and why not."""
+        if self.adapters is None:
+            return self.backbone, "no adapter bank configured (set adapters=DIR)"
+        folder = self.adapters / name
+        try:
+            if (folder / BACKBONE).is_file():  # a fully fine-tuned model saved in the bank
+                return load_backbone(folder, device=self.device).eval(), None
+            if not folder.is_dir():
+                return self.backbone, f"no adapter {name} in {self.adapters}"
+            model = copy.deepcopy(self.backbone)
+            load_adapter(model, folder)
+            merge_adapters(model)  # inference at backbone speed: B A folded into the weights
+            return model.eval(), None
+        except (OSError, ValueError, KeyError, CheckpointError, SafetensorError) as exc:
+            # load_adapter does not name the weights file in every error: say the folder
+            return self.backbone, f"adapter {folder} is unusable ({type(exc).__name__}: {exc})"
+
+    def get(self, contrast: str, pattern: str | None) -> tuple[ReconModel, str, str | None]:
+        """(model, adapter name or "backbone", reason for falling back or None)."""
+        if contrast not in KNOWN_CONTRASTS:
+            return self.backbone, "backbone", f"unknown contrast {contrast!r} (known: {', '.join(KNOWN_CONTRASTS)})"
+        if pattern not in KNOWN_PATTERNS:
+            return self.backbone, "backbone", f"unknown sampling pattern {pattern!r} (known: {', '.join(KNOWN_PATTERNS)})"
+        name = f"{contrast}_{pattern}"
+        if name not in self.cache:
+            self.cache[name] = self._load(name)
+        model, problem = self.cache[name]
+        return model, (name if problem is None else "backbone"), problem
+
+
+# ---- one slice ------------------------------------------------------------------------------------
+
+
+def window_frames(t: int, nt: int, frames: int) -> tuple[np.ndarray, int]:
+    """(indices of the T-frame window for frame t, position of t in it).
+
+    Centred on t, shifted inside [0, nt) at the ends; a series shorter than T repeats its last
+    frame (the loader's convention).
+    """
+    start = min(max(t - frames // 2, 0), max(nt - frames, 0))
+    idx = np.clip(np.arange(start, start + frames), 0, nt - 1)
+    return idx, t - start
+
+
+@torch.inference_mode()
+def reconstruct_slice(model: ReconModel, kspace: np.ndarray, mask: np.ndarray, wanted: list[int], meta: dict,
+                      frames: int, batch_size: int, device: torch.device) -> np.ndarray:
+    """RSS magnitude of the wanted frames of one slice.
+
+    kspace: complex (nt, C, Y, X) undersampled; mask: (nt, Y, X); wanted: frame indices.
+    Returns float32 (len(wanted), Y, X), in the units of the input k-space.
+    """
+    nt = kspace.shape[0]
+    windows = [window_frames(t, nt, frames) for t in wanted]
+    out = np.zeros((len(wanted),) + kspace.shape[-2:], dtype=np.float32)
+    for i in range(0, len(windows), max(batch_size, 1)):
+        chunk = windows[i:i + max(batch_size, 1)]
+        ks, ms, scales = [], [], []
+        for idx, _ in chunk:
+            k, m = kspace[idx] * mask[idx][:, None], mask[idx]
+            s = kspace_scale(k, m)  # the loader's per-window scale, from undersampled data only
+            ks.append(k / s)
+            ms.append(m)
+            scales.append(s)
+        k_t = torch.from_numpy(np.stack(ks).astype(np.complex64)).to(device)  # (B, T, C, Y, X)
+        m_t = torch.from_numpy(np.stack(ms).astype(np.float32)).to(device)  # (B, T, Y, X)
+        pred = model(k_t, m_t, [meta] * len(chunk))["kspace"]
+        image = rss(ifft2c(pred), dim=2).float().cpu().numpy()  # (B, T, Y, X)
+        for j, ((_, pos), s) in enumerate(zip(chunk, scales)):
+            out[i + j] = image[j, pos] * s
+    return out
+
+
+# ---- one file ------------------------------------------------------------------------------------
+
+
+@dataclass
+class FileOutcome:
+    path: str
+    adapter: str = ""
+    slices: int = 0
+    notes: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+def load_pair(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """k-space (nt, nz, nc, ny, nx) and mask (nt, ny, nx) of an input file, checked; notes for the log."""
+    notes: list[str] = []
+    kspace = read_kspace(path)
+    if kspace.ndim != 5:
+        raise ReconstructError(path, f"k-space has shape {kspace.shape}; expected (nt, nz, nc, ny, nx)")
+    mpath = mask_path(path)
+    if mpath.is_file():
+        mask = read_mask(mpath)
+    else:
+        notes.append(f"{path}: no matching mask (looked for {mpath}); using the non-zero k-space locations")
+        mask = (np.abs(kspace).sum(axis=(1, 2)) > 0).astype(np.float32)
+    nt, _, _, ny, nx = kspace.shape
+    if mask.ndim != 3 or mask.shape[1:] != (ny, nx) or mask.shape[0] not in (1, nt):
+        raise ReconstructError(path, f"mask {mpath.name} has shape {mask.shape}, which does not fit k-space "
+                                     f"{kspace.shape} (expected ({nt} or 1, {ny}, {nx}))")
+    if ny < MIN_MATRIX[0] or nx < MIN_MATRIX[1]:
+        raise ReconstructError(path, f"k-space matrix {ny} x {nx} (phase x readout) is smaller than the "
+                                     f"{MIN_MATRIX[0]} x {MIN_MATRIX[1]} the model and the scorer can take")
+    return kspace, np.broadcast_to(mask, (nt, ny, nx)), notes
+
+
+def file_meta(path: Path) -> tuple[dict, str, str | None, list[str]]:
+    """(conditioning meta, contrast, pattern, notes) of a kus file, from its path (and later its mask)."""
+    case = parse_kus_path(path)
+    vendor, field_t, model = parse_scanner(case.vendor)
+    meta = {"modality": case.modality, "view": view_of(case.stem), "pattern": case.pattern, "R": case.R,
+            "vendor": vendor, "field_T": field_t, "model": model, "center": case.center, "scanner": case.vendor,
+            "file": case.stem}
+    return meta, case.modality.lower(), case.pattern, []
+
+
+def reconstruct_file(path: Path, bank: ModelBank, cfg: ReconstructRun) -> tuple[FileOutcome, np.ndarray, np.ndarray | None]:
+    """Reconstruct one kus file -> (outcome, img4ranking, full volume (nt, nz, ny, nx) or None)."""
+    outcome = FileOutcome(str(path))
+    meta, contrast, pattern, outcome.notes = file_meta(path)
+    kspace, mask, notes = load_pair(path)
+    outcome.notes += notes
+    seen = infer_pattern(mask)
+    # undecidable: one frame (ktGaussian and Uniform look alike) or an ACS that covers the whole matrix
+    decisive = not mask.all() and (mask.shape[0] > 1 or seen == "ktRadial")
+    if pattern not in KNOWN_PATTERNS:
+        outcome.notes.append(f"{path}: pattern {pattern!r} from the file name is unknown (the mask looks {seen})")
+    elif pattern != seen and decisive and pattern != "ktUniform":
+        outcome.notes.append(f"{path}: the file name says {pattern}, the mask looks {seen}; using {pattern}")
+    model, outcome.adapter, problem = bank.get(contrast, pattern)
+    if problem:
+        outcome.notes.append(f"{path}: {problem}; using the bare backbone")
+    nt, nz = kspace.shape[:2]
+    stem = parse_kus_path(path).stem
+    frames = list(range(nt)) if cfg.full_volumes else select_frames(nt, stem)
+    slices = list(range(nz)) if cfg.full_volumes else select_slices(nz)
+    volume = np.zeros((len(frames), len(slices)) + kspace.shape[-2:], dtype=np.float32)
+    for j, z in enumerate(slices):
+        try:
+            volume[:, j] = reconstruct_slice(model, kspace[:, z], mask, frames, meta, cfg.frames, cfg.batch_size,
+                                             bank.device)
+        except RuntimeError as exc:  # a shape or size the network cannot take
+            raise ReconstructError(path, f"the model failed on slice {z} of k-space {kspace.shape}: {exc}") from None
+        outcome.slices += 1
+    if cfg.full_volumes:
+        ranked = crop_selected(volume[np.ix_(select_frames(nt, stem), select_slices(nz))])
+        return outcome, ranked, volume
+    return outcome, crop_selected(volume), None
+
+
+def reconstruct_fastmri(path: Path, bank: ModelBank, cfg: ReconstructRun, target: Path) -> FileOutcome:
+    """A fastMRI .h5 file -> `target` (.h5) with `reconstruction` (slices, readout, phase) float32."""
+    outcome = FileOutcome(str(path), adapter="backbone")
+    kspace = read_fastmri(path)[0]  # (nz, C, ny = phase, nx = readout)
+    with h5py.File(path, "r") as fh:
+        mask_1d = np.asarray(fh["mask"][()], dtype=np.float32) if "mask" in fh else None
+    nz, _, ny, nx = kspace.shape
+    if mask_1d is not None and mask_1d.shape == (ny,):
+        mask = np.broadcast_to(mask_1d[None, :, None], (1, ny, nx))
+    else:
+        mask = (np.abs(kspace).sum(axis=(0, 1)) > 0).astype(np.float32)[None]
+        outcome.notes.append(f"{path}: no 'mask' dataset; using the non-zero k-space locations")
+    meta = {"modality": "fastMRI", "pattern": infer_pattern(mask)}
+    model, _, _ = bank.get("fastmri", None)
+    recon = np.stack([reconstruct_slice(model, kspace[z][None], mask, [0], meta, cfg.frames, cfg.batch_size,
+                                        bank.device)[0] for z in range(nz)])  # (nz, ny, nx)
+    outcome.slices = nz
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    with h5py.File(tmp, "w") as fh:
+        fh.create_dataset("reconstruction", data=np.ascontiguousarray(recon.transpose(0, 2, 1)))
+    os.replace(tmp, target)
+    return outcome
+
+
+# ---- the folder ----------------------------------------------------------------------------------
+
+
+def find_inputs(root: Path, task: str = "") -> tuple[list[Path], list[Path]]:
+    """(kus .mat files under UnderSample_* folders, fastMRI .h5 files) below `root`, sorted."""
+    kus = sorted(p for p in root.rglob("*_kus_*.mat")
+                 if any(part.startswith("UnderSample_") for part in p.parts) and (not task or task in p.parts))
+    h5 = sorted(p for p in root.rglob("*.h5") if is_fastmri(p))
+    return kus, h5
+
+
+def reconstruct_tree(cfg: ReconstructRun, log: Callable[[str], None] | None = None) -> dict:
+    """Reconstruct every input under `cfg.input` into `cfg.out`; returns the report (also written)."""
+    log = log or (lambda msg: print(f"[reconstruct] {msg}", file=sys.stderr))
+    root, out = Path(cfg.input), Path(cfg.out)
+    kus, h5 = find_inputs(root, cfg.task)
+    if not kus and not h5:
+        raise ReconstructError(root, "no *_kus_*.mat under UnderSample_<Task> folders and no fastMRI .h5 files")
+    device = torch.device(cfg.device)
+    bank = ModelBank(cfg.backbone, cfg.adapters, device)
+    outcomes: list[FileOutcome] = []
+    t0, n_slices = time.perf_counter(), 0
+    bar = tqdm(kus + h5, desc="reconstruct", unit="file", disable=not cfg.progress)
+    for path in bar:
+        try:
+            if path.suffix == ".h5":
+                outcome = reconstruct_fastmri(path, bank, cfg, out / path.relative_to(root))
+            else:
+                outcome, ranked, volume = reconstruct_file(path, bank, cfg)
+                rel = parse_kus_path(path).relative_path("UnderSample_")
+                save_img4ranking(out / rel, ranked)
+                if volume is not None:
+                    write_volume(Path(f"{out}_volumes") / rel, volume)
+        except (ReconstructError, SubmissionError, MatFileError, ValueError, OSError) as exc:
+            outcome = FileOutcome(str(path), error=str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+            log(f"skipped {outcome.error}")
+        for note in outcome.notes:
+            log(note)
+        outcomes.append(outcome)
+        n_slices += outcome.slices
+        bar.set_postfix(slices_per_s=f"{n_slices / max(time.perf_counter() - t0, 1e-9):.2f}")
+    report = {"input": str(root), "out": str(out), "files": len(outcomes),
+              "written": sum(1 for o in outcomes if not o.error), "errors": [o.error for o in outcomes if o.error],
+              "slices": n_slices, "seconds": round(time.perf_counter() - t0, 2),
+              "adapters": {o.path: o.adapter for o in outcomes if not o.error},
+              "notes": [n for o in outcomes for n in o.notes]}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "reconstruct_report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out / "reconstruct_report.json")
+    log(f"wrote {report['written']}/{report['files']} files to {out} ({n_slices} slices, "
+        f"{n_slices / max(report['seconds'], 1e-9):.2f} slices/s); {len(report['errors'])} error(s)")
+    return report
+
+
+def write_volume(path: Path, volume: np.ndarray) -> None:
+    """Full magnitude volume (nt, nz, ny, nx) -> MAT v5 `img` in MATLAB order (nx, ny, nz, nt)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_mat5(path, "img", volume.astype(np.float32))
+
+
+def run(cfg: ReconstructRun) -> dict[str, dict]:
+    """Every method of `cfg.methods`: "cmrfm" -> `out`, a classical baseline m -> `<out>_<m>`."""
+    from finetune.classical import reconstruct_tree as classical_tree
+
+    reports: dict[str, dict] = {}
+    for method in cfg.methods:
+        if method == "cmrfm":
+            reports[method] = reconstruct_tree(cfg)
+        elif method in ("zero_filled", "sense", "l1_wavelet"):
+            sub = dataclasses.replace(cfg, out=f"{cfg.out}_{method}",
+                                      classical=dataclasses.replace(cfg.classical, method=method))
+            problems = classical_tree(sub)
+            reports[method] = {"out": sub.out, "errors": problems}
+        else:
+            raise ValueError(f"methods: unknown method {method!r}; expected cmrfm, zero_filled, sense or l1_wavelet")
+    return reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(ReconstructRun, argv, description="reconstruct a challenge folder into a submission tree")
+    if not cfg.input:
+        print("set input=<validation-style tree>", file=sys.stderr)
+        return 2
+    dump_config(cfg, Path(cfg.out) / "reconstruct_config.toml")
+    reports = run(cfg)
+    for method, rep in reports.items():
+        print(f"{method}: {rep['out']} ({len(rep['errors'])} error(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""Typed configs of the fine-tuning stage: one `@dataclass` per entry point, loaded with `launch.cli`.
+
+- `EvalConfig`        -> `python -m finetune.evaluate`
+- `ReconstructConfig` -> `python -m finetune.reconstruct` and `python -m finetune.classical`
+  (the baselines write the same submission tree as the model, so they share its config)
+
+Every field has a default so `launch.cli.load_config(Cls)` works without a file. Add further stage
+configs (e.g. `FinetuneConfig`) as new top-level dataclasses below; nothing here needs to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EvalConfig:
+    """Score reconstruction trees against the hidden fully sampled tree, as the CMRxRecon2025 scorer does."""
+
+    # Primary reconstruction tree in submission layout (<Task>/MultiCoil/<Modality>/ValidationSet/
+    # UnderSample_<Task>/<Center>/<Vendor>/P###/<file>_kus_<Pattern><R>.mat holding `img4ranking`).
+    recon: str = ""
+    # Name the primary tree gets in tables and figures.
+    recon_name: str = "cmrfm"
+    # More trees to put side by side, each "name=DIR" (e.g. "zero_filled=runs/zf", "classical=runs/sense").
+    methods: list[str] = field(default_factory=list)
+    # Hidden ground truth: FullSample_<Task> tree of k-space .mat files (img4ranking is computed with
+    # run4ranking) or of img4ranking .mat files (used as they are), detected per file.
+    reference: str = ""
+    # Output folder: CSV tables, results*.json, figures/, eval_config.toml.
+    out: str = "runs/eval"
+    # True: the official scorer's argument order (submission is the reference in the 4-D branch) and
+    # its aggregation quirks; False: ground truth always the reference. Both variants go in per_file.csv.
+    challenge_exact: bool = True
+    # Only this task ("TaskR1", ...); "" scores every task found.
+    task: str = ""
+    # Number of cases drawn as image / error-map grids.
+    n_cases: int = 3
+    figures: bool = True
+    progress: bool = True
+
+
+@dataclass
+class ClassicalConfig:
+    """The classical baseline used by `python -m finetune.classical`."""
+
+    # "zero_filled", "sense" (ESPIRiT + CG-SENSE) or "l1_wavelet" (ESPIRiT + L1-wavelet CS).
+    method: str = "sense"
+    calib_width: int = 20  # 2025 ACS is 20 lines / 20x20
+    lamda: float = 0.01  # relative to the k-space scale (data are normalised before the solve)
+    max_iter: int = 30
+    espirit_thresh: float = 0.02
+    espirit_crop: float = 0.95
+
+
+@dataclass
+class ReconstructConfig:
+    """Reconstruct a validation-style tree of `*_kus_<Pattern><R>.mat` files into a submission tree."""
+
+    # Validation-style input: <Task>/MultiCoil/<Modality>/ValidationSet/UnderSample_<Task>/... with
+    # Mask_<Task>/ beside UnderSample_<Task>/.
+    input: str = ""
+    # Output root: <out>/<Task>/MultiCoil/<Modality>/ValidationSet/UnderSample_<Task>/.../<same name>.
+    out: str = "runs/recon"
+    # Pretrained backbone (backbone.safetensors of a pretraining run) and the adapter bank folder.
+    backbone: str = ""
+    adapters: str = ""
+    device: str = "cpu"
+    batch_size: int = 1
+    # Temporal window of adjacent frames the model sees (LoaderConfig.frames).
+    frames: int = 3
+    # Also write the full (uncropped, all slices and frames) magnitude volume next to img4ranking.
+    full_volumes: bool = False
+    # Only this task ("TaskR1", ...); "" reconstructs every task found.
+    task: str = ""
+    progress: bool = True
+    classical: ClassicalConfig = field(default_factory=ClassicalConfig)
+
+
+# ---- fine-tuning (adapters per contrast x pattern): `python -m finetune.train`, `python -m finetune.bank`
+# (appended by the fine-tuning helper; the sections above are the evaluation helper's)
+
+from models.sizes import ModelConfig  # noqa: E402  (kept next to the configs that use them)
+from shards.loader import LoaderConfig  # noqa: E402
+
+
+@dataclass
+class AdapterSpec:
+    """Which adapter to train, and its LoRA shape (docs/style.md §10 item 17)."""
+
+    contrast: str = "cine"
+    """Modality the adapter is for, matched case-insensitively against meta["modality"] ("cine" ~ "Cine")."""
+    pattern: str = "ktRadial"
+    """Sampling pattern (shards.masks family) of the retrospective masks it trains on."""
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    targets: str = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+    """Regex (re.fullmatch on the module name) of the nn.Linear layers that get adapters."""
+
+
+@dataclass
+class FinetuneOptim:
+    """AdamW over the trainable parameters only, linear warmup then cosine decay."""
+
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    """Gradient-norm clipping (0 = off)."""
+
+
+@dataclass
+class FinetuneLoss:
+    """Supervised loss on the coil-combined (RSS) image magnitude against the fully sampled reference."""
+
+    ssim: float = 1.0
+    """Weight of (1 - SSIM), SSIM with data_range = the reference image's max (models.losses.ssim)."""
+    l1: float = 1.0
+    """Weight of the L1 image error (data are normalised by shards.normalise.kspace_scale)."""
+
+
+@dataclass
+class FinetuneRun:
+    """Where the backbone comes from, where outputs go, how long and how."""
+
+    backbone: str = "out/pretrain"
+    """Pretraining run folder (or its backbone.safetensors) exported by pretrain.checkpoint.export_backbone."""
+    adapters: str = "out/adapters"
+    """Adapter bank folder: the result is written to <adapters>/<contrast>_<pattern>/."""
+    dir: str = ""
+    """Run folder (config, TensorBoard, resumable state); "" = out/finetune/<contrast>_<pattern>."""
+    steps: int = 40
+    seed: int = 0
+    device: str = "cpu"
+    """"cpu" (gloo ranks under accelerate) or "cuda"."""
+    full_finetune: bool = False
+    """Train every parameter of the pretrained model (benchmark arm (c)); saves a full model, not an adapter."""
+    from_scratch: bool = False
+    """Random initialisation, every parameter trained (benchmark arm (b)); saves a full model."""
+    bank_contrasts: list[str] = field(default_factory=list)
+    """finetune.bank trains only these contrasts ([] = every contrast present in the shards)."""
+    exclude_centers: list[str] = field(default_factory=list)
+    """Samples of these centers are never trained on (held-out evaluation)."""
+    exclude_scanners: list[str] = field(default_factory=list)
+    """Samples of these scanner folders ("Siemens_30T_Vida") are never trained on."""
+    checkpoint_every: int = 20
+    """Save the resumable state every this many steps (and at the end); 0 = only at the end."""
+    resume: bool = True
+    """Continue from <dir>/state/latest when it exists."""
+    log_every: int = 5
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning of one adapter (or, for the benchmark, the full model) per contrast x pattern."""
+
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    """Training shards; `patterns` is replaced by [adapter.pattern] (R from `accelerations`)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Only used by run.from_scratch without a backbone to copy the architecture from."""
+    adapter: AdapterSpec = field(default_factory=AdapterSpec)
+    optim: FinetuneOptim = field(default_factory=FinetuneOptim)
+    loss: FinetuneLoss = field(default_factory=FinetuneLoss)
+    run: FinetuneRun = field(default_factory=FinetuneRun)
+
+
+@dataclass
+class ReconstructRun(ReconstructConfig):
+    """`python -m finetune.reconstruct`: ReconstructConfig plus the methods written side by side.
+
+    (A subclass so the evaluation helper's ReconstructConfig stays as it is; fold `methods` into it
+    when convenient.)
+    """
+
+    methods: list[str] = field(default_factory=lambda: ["cmrfm"])
+    """"cmrfm" (backbone + adapters) -> `out`; "zero_filled", "sense", "l1_wavelet" -> `<out>_<method>`."""

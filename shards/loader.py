@@ -231,7 +231,7 @@ def prepare(sample: Sample, rng: np.random.Generator, cfg: LoaderConfig, train: 
     else:                                                        # acquired kus: already zero off the mask
         kus = np.array(full, dtype=np.complex64)
         target = None if sample.ref is None else sample.ref[frames]
-    scale = np.float32(kspace_scale(kus, m))
+    scale = np.float32(kspace_scale(kus))                       # kus is already zero off the mask
     return {
         "kspace": (kus / scale).astype(np.complex64, copy=False),
         "mask": m,

@@ -4,12 +4,14 @@
 finetune.reconstruct divides by it before the model and multiplies back afterwards. It looks only at
 the undersampled data (what a reconstruction sees at test time), never at a fully sampled reference.
 
-scale = 99th percentile of the root-sum-of-squares magnitude of the zero-filled image
-        ifft2c(kspace_us * mask), over all frames and pixels.
+scale = root-mean-square of the root-sum-of-squares magnitude of the zero-filled image
+        ifft2c(kspace_us * mask), over all frames and pixels,
+      = sqrt(sum |kspace_us * mask|^2 / (T * Y * X))      (Parseval: the centred FFT is orthonormal)
 
-The percentile (not the max) is robust to a few hot pixels; the value is homogeneous of degree 1 in
-the data, so a vendor factor of 1e-3 or 1e7 cancels exactly. An all-zero or non-finite input gives 1.0
-(nothing to divide out) instead of a division by zero.
+so it is computed in k-space with one reduction and no FFT: the loader's hot path (bench/data_path.py
+P2) and reconstruction pay nothing for it. The value is homogeneous of degree 1 in the data, so a
+vendor factor of 1e-3 or 1e7 cancels exactly. An all-zero or non-finite input gives 1.0 (nothing to
+divide out) instead of a division by zero.
 """
 
 from __future__ import annotations
@@ -17,9 +19,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import scipy.fft
-
-PERCENTILE = 99.0
 
 
 def _as_numpy(x: Any) -> np.ndarray:
@@ -27,20 +26,6 @@ def _as_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def zero_filled_rss(kspace_us: np.ndarray, centred: bool = True) -> np.ndarray:
-    """(..., C, Y, X) complex k-space -> (..., Y, X) float RSS magnitude of the centred ortho iFFT.
-
-    centred=False skips both shifts: the k-space shift only multiplies the image by a phase ramp and
-    the image shift only permutes pixels, so the magnitudes are the same multiset (what a percentile
-    needs) at a fraction of the memory traffic.
-    """
-    if centred:
-        kspace_us = np.fft.ifftshift(kspace_us, axes=(-2, -1))
-    img = scipy.fft.ifft2(kspace_us, norm="ortho", overwrite_x=False)
-    rss = np.sqrt(np.sum(img.real ** 2 + img.imag ** 2, axis=-3))
-    return np.fft.fftshift(rss, axes=(-2, -1)) if centred else rss
 
 
 def kspace_scale(kspace_us: Any, mask: Any | None = None) -> float:
@@ -53,14 +38,13 @@ def kspace_scale(kspace_us: Any, mask: Any | None = None) -> float:
     Returns:
         a positive finite float (1.0 when the data are all zero or not finite).
     """
-    k = _as_numpy(kspace_us).astype(np.complex64, copy=False)
+    k = _as_numpy(kspace_us)
     if mask is not None:
-        m = _as_numpy(mask).astype(np.float32, copy=False)
-        k = k * m[..., None, :, :] if k.ndim == m.ndim + 1 else k * m
-    rss = zero_filled_rss(k, centred=False)          # order-free: the percentile ignores pixel positions
-    if rss.size == 0:
+        m = _as_numpy(mask)
+        k = k * (m[..., None, :, :] if k.ndim == m.ndim + 1 else m)
+    if k.size == 0:
         return 1.0
-    value = float(np.percentile(rss, PERCENTILE))
-    if not np.isfinite(value) or value <= 0.0:
-        value = float(np.max(rss)) if np.isfinite(rss).all() else 0.0
+    coils = k.shape[-3] if k.ndim >= 3 else 1
+    energy = float(np.vdot(k, k).real)                 # sum |k|^2 over frames, coils, ky, kx
+    value = (energy / (k.size / coils)) ** 0.5         # RMS over the (T, Y, X) pixels of the RSS image
     return value if np.isfinite(value) and value > 0.0 else 1.0

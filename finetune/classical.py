@@ -74,16 +74,7 @@ def sense(
     calib_width: int = 20, maps: np.ndarray | None = None,
 ) -> np.ndarray:
     """ESPIRiT + CG-SENSE (L2-regularised), frame by frame: (T, C, Y, X) -> (T, Y, X) complex64."""
-    k, m = _check(kspace, mask)
-    mps = espirit_maps(k, m, calib_width) if maps is None else maps
-    scale = _scale(k, m)
-    out = np.zeros((k.shape[0],) + k.shape[-2:], dtype=np.complex64)
-    for t in range(k.shape[0]):
-        y = (k[t] * m[t][None]) / scale
-        out[t] = mri_app.SenseRecon(
-            y, mps, lamda=lamda, weights=m[t], max_iter=max_iter, show_pbar=False, device=sp.cpu_device,
-        ).run()
-    return out * scale
+    return _per_frame(mri_app.SenseRecon, kspace, mask, lamda, max_iter, calib_width, maps)
 
 
 def l1_wavelet(
@@ -91,15 +82,21 @@ def l1_wavelet(
     calib_width: int = 20, maps: np.ndarray | None = None,
 ) -> np.ndarray:
     """ESPIRiT + L1-wavelet compressed sensing, frame by frame: (T, C, Y, X) -> (T, Y, X) complex64."""
+    return _per_frame(mri_app.L1WaveletRecon, kspace, mask, lamda, max_iter, calib_width, maps)
+
+
+def _per_frame(app: type, kspace: np.ndarray, mask: np.ndarray, lamda: float, max_iter: int,
+               calib_width: int, maps: np.ndarray | None) -> np.ndarray:
+    """Run the sigpy app `app` on each frame with shared ESPIRiT maps, on data divided by `_scale` so
+    that `lamda` means the same for every vendor; the scale is multiplied back."""
     k, m = _check(kspace, mask)
     mps = espirit_maps(k, m, calib_width) if maps is None else maps
     scale = _scale(k, m)
     out = np.zeros((k.shape[0],) + k.shape[-2:], dtype=np.complex64)
     for t in range(k.shape[0]):
         y = (k[t] * m[t][None]) / scale
-        out[t] = mri_app.L1WaveletRecon(
-            y, mps, lamda=lamda, weights=m[t], max_iter=max_iter, show_pbar=False, device=sp.cpu_device,
-        ).run()
+        out[t] = app(y, mps, lamda=lamda, weights=m[t], max_iter=max_iter, show_pbar=False,
+                     device=sp.cpu_device).run()
     return out * scale
 
 

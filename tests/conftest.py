@@ -4,6 +4,7 @@
                     2025 training + a validation-style TaskR1 tree + 2024 + fastMRI), written once
     shard_dir       that corpus converted to shards once (small shards: several per split, so
                     that 2 ranks x 2 workers all have something to read)
+    tiny_backbone   a random tiny ReconModel in pretrain.checkpoint.export_backbone's format
 
 Both are read-only for tests: a test that needs to damage or extend a tree copies it first.
 """
@@ -33,6 +34,26 @@ def shard_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("shards") / "shards"
     convert(ConvertConfig(input=str(synthetic_root), out=str(out), shard_samples=SHARD_SAMPLES, progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random (seed 0) tiny backbone folder: backbone.safetensors + model_config.json."""
+    import dataclasses
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from models.sizes import build_model
+    from pretrain.checkpoint import BACKBONE, MODEL_CONFIG
+
+    folder = tmp_path_factory.mktemp("backbone")
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / BACKBONE))
+    (folder / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(model.config)))
+    return folder
 
 
 class TreeBuilder:

@@ -10,26 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from finetune.bank import find_pairs, pair_config
 from finetune.settings import FinetuneConfig
 from finetune.train import build_trainable, lr_at, train
 from models.adapters import adapter_state_dict, load_adapter, lora_layers, merge_adapters
-from models.sizes import build_model
-from pretrain.checkpoint import BACKBONE, MODEL_CONFIG, load_backbone
+from pretrain.checkpoint import load_backbone
 
 META = [{"modality": "Cine", "view": "sax", "pattern": "ktRadial", "R": 8, "vendor": "UIH", "field_T": 3.0}]
-
-
-def write_backbone(folder: Path, seed: int = 0) -> Path:
-    """A random tiny backbone in pretrain.checkpoint.export_backbone's format."""
-    torch.manual_seed(seed)
-    model = build_model("tiny")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / BACKBONE))
-    (folder / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(model.config)))
-    return folder
 
 
 def config(tmp: Path, shards: Path, backbone: Path, steps: int = 3, **run) -> FinetuneConfig:
@@ -44,8 +32,8 @@ def config(tmp: Path, shards: Path, backbone: Path, steps: int = 3, **run) -> Fi
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_backbone(tmp_path_factory.mktemp("backbone"))
+def backbone(tiny_backbone: Path) -> Path:
+    return tiny_backbone
 
 
 @pytest.fixture(scope="module")

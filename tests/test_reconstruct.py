@@ -24,24 +24,6 @@ from shards.masks import make_mask
 from shards.matfile import mat_format, read_kspace, write_mat73
 
 
-def write_backbone(folder: Path, seed: int = 0) -> Path:
-    """A random tiny backbone in pretrain.checkpoint.export_backbone's format."""
-    import dataclasses as dc
-    import json
-
-    from safetensors.torch import save_file
-
-    from models.sizes import build_model
-    from pretrain.checkpoint import BACKBONE, MODEL_CONFIG
-
-    torch.manual_seed(seed)
-    model = build_model("tiny")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / BACKBONE))
-    (folder / MODEL_CONFIG).write_text(json.dumps(dc.asdict(model.config)))
-    return folder
-
-
 def val_root(synthetic_root: Path) -> Path:
     return synthetic_root / "ChallengeData_ValSet"
 
@@ -58,10 +40,10 @@ def kus_files(root: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def bank(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def bank(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> tuple[Path, Path]:
     """(backbone folder, adapter bank with one non-trivial cine_ktRadial adapter)."""
     tmp = tmp_path_factory.mktemp("bank")
-    backbone = write_backbone(tmp / "backbone")
+    backbone = tiny_backbone
     model = load_backbone(backbone)
     torch.manual_seed(1)
     add_adapters(model, rank=2, alpha=4.0)

@@ -122,7 +122,7 @@ def test_several_keys_need_key_argument(tmp_path: Path) -> None:
     assert read_kspace(p, key="kspace_full").real.sum() == 2 * 2 * 4 * 6
 
 
-def _expect_error(path: Path, match: str, fn=read_kspace, **kw) -> None:
+def assert_mat_error(path: Path, match: str, fn=read_kspace, **kw) -> None:
     with pytest.raises(MatFileError) as err:
         fn(path, **kw)
     assert str(path) in str(err.value), err.value
@@ -135,7 +135,7 @@ def test_truncated_file(tmp_path: Path, v5: bool) -> None:
     good = (write_mat5 if v5 else write_mat73)(tmp_path / "good.mat", "kspace", _rand((2, 1, 3, 6, 8)))
     bad = tmp_path / "bad.mat"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    _expect_error(bad, "truncated")
+    assert_mat_error(bad, "truncated")
 
 
 def test_hdf5_with_two_keys_or_none(tmp_path: Path) -> None:
@@ -143,17 +143,17 @@ def test_hdf5_with_two_keys_or_none(tmp_path: Path) -> None:
     with h5py.File(two, "w") as fh:
         fh["kspace"] = np.zeros((1, 1, 1, 4, 4))
         fh["other"] = np.zeros(3)
-    _expect_error(two, "2 variables")
+    assert_mat_error(two, "2 variables")
     none = tmp_path / "none.mat"
     h5py.File(none, "w").close()
-    _expect_error(none, "no variable")
+    assert_mat_error(none, "no variable")
 
 
 def test_wrong_rank(tmp_path: Path) -> None:
     p = write_mat73(tmp_path / "k.mat", "kspace", _rand((3, 4, 5)))
-    _expect_error(p, "rank 3")
+    assert_mat_error(p, "rank 3")
     m = write_mat73(tmp_path / "m.mat", "mask", np.ones((2, 2, 3, 4)))
-    _expect_error(m, "rank 4", fn=read_mask)
+    assert_mat_error(m, "rank 4", fn=read_mask)
 
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf])
@@ -161,30 +161,30 @@ def test_nan_or_inf_in_kspace(tmp_path: Path, bad_value: float) -> None:
     arr = _rand((2, 1, 2, 4, 6))
     arr[1, 0, 1, 2, 3] = bad_value
     p = write_mat73(tmp_path / "k.mat", "kspace", arr)
-    _expect_error(p, "non-finite")
+    assert_mat_error(p, "non-finite")
     assert read_kspace(p, check_finite=False).shape == arr.shape
 
 
 def test_v5_with_unexpected_key(tmp_path: Path) -> None:
     p = write_mat5(tmp_path / "k.mat", "img4ranking", _rand((2, 1, 2, 4, 6)))
-    _expect_error(p, "unexpected variable 'img4ranking'")
+    assert_mat_error(p, "unexpected variable 'img4ranking'")
     k = write_mat5(tmp_path / "m.mat", "kspace", np.ones((4, 6)))
-    _expect_error(k, "unexpected variable 'kspace'", fn=read_mask)
+    assert_mat_error(k, "unexpected variable 'kspace'", fn=read_mask)
 
 
 def test_not_a_mat_file_or_empty(tmp_path: Path) -> None:
     txt = tmp_path / "notes.mat"
     txt.write_text("Parameter,Value\nFOVx(mm),360\n" * 20)
-    _expect_error(txt, "not a MAT file")
+    assert_mat_error(txt, "not a MAT file")
     empty = tmp_path / "empty.mat"
     empty.write_bytes(b"")
-    _expect_error(empty, "empty file")
-    _expect_error(tmp_path / "missing.mat", "not found")
+    assert_mat_error(empty, "empty file")
+    assert_mat_error(tmp_path / "missing.mat", "not found")
 
 
 def test_mask_with_values_other_than_zero_and_one(tmp_path: Path) -> None:
     p = write_mat73(tmp_path / "m.mat", "mask", np.full((2, 4, 6), 0.5))
-    _expect_error(p, "other than 0 and 1", fn=read_mask)
+    assert_mat_error(p, "other than 0 and 1", fn=read_mask)
 
 
 def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from finetune.ranking import crop_selected, select_frames, select_slices
-from finetune.settings import ReconstructRun
+from finetune.settings import ReconstructConfig
 from finetune.submission import SubmissionError, mask_path, parse_kus_path, save_img4ranking
 from launch.cli import dump_config, parse_args
 from models.adapters import load_adapter, merge_adapters
@@ -222,7 +222,7 @@ def file_meta(path: Path) -> tuple[dict, str, str | None, list[str]]:
     return meta, case.modality.lower(), case.pattern, []
 
 
-def reconstruct_file(path: Path, bank: ModelBank, cfg: ReconstructRun) -> tuple[FileOutcome, np.ndarray, np.ndarray | None]:
+def reconstruct_file(path: Path, bank: ModelBank, cfg: ReconstructConfig) -> tuple[FileOutcome, np.ndarray, np.ndarray | None]:
     """Reconstruct one kus file -> (outcome, img4ranking, full volume (nt, nz, ny, nx) or None)."""
     outcome = FileOutcome(str(path))
     meta, contrast, pattern, outcome.notes = file_meta(path)
@@ -256,7 +256,7 @@ def reconstruct_file(path: Path, bank: ModelBank, cfg: ReconstructRun) -> tuple[
     return outcome, crop_selected(volume), None
 
 
-def reconstruct_fastmri(path: Path, bank: ModelBank, cfg: ReconstructRun, target: Path) -> FileOutcome:
+def reconstruct_fastmri(path: Path, bank: ModelBank, cfg: ReconstructConfig, target: Path) -> FileOutcome:
     """A fastMRI .h5 file -> `target` (.h5) with `reconstruction` (slices, readout, phase) float32."""
     outcome = FileOutcome(str(path), adapter="backbone")
     kspace = read_fastmri(path)[0]  # (nz, C, ny = phase, nx = readout)
@@ -292,7 +292,7 @@ def find_inputs(root: Path, task: str = "") -> tuple[list[Path], list[Path]]:
     return kus, h5
 
 
-def reconstruct_tree(cfg: ReconstructRun, log: Callable[[str], None] | None = None) -> dict:
+def reconstruct_tree(cfg: ReconstructConfig, log: Callable[[str], None] | None = None) -> dict:
     """Reconstruct every input under `cfg.input` into `cfg.out`; returns the report (also written)."""
     log = log or (lambda msg: print(f"[reconstruct] {msg}", file=sys.stderr))
     root, out = Path(cfg.input), Path(cfg.out)
@@ -342,7 +342,7 @@ def write_volume(path: Path, volume: np.ndarray) -> None:
     write_mat5(path, "img", volume.astype(np.float32))
 
 
-def run(cfg: ReconstructRun) -> dict[str, dict]:
+def run(cfg: ReconstructConfig) -> dict[str, dict]:
     """Every method of `cfg.methods`: "cmrfm" -> `out`, a classical baseline m -> `<out>_<m>`."""
     from finetune.classical import reconstruct_tree as classical_tree
 
@@ -361,7 +361,7 @@ def run(cfg: ReconstructRun) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(ReconstructRun, argv, description="reconstruct a challenge folder into a submission tree")
+    cfg = parse_args(ReconstructConfig, argv, description="reconstruct a challenge folder into a submission tree")
     if not cfg.input:
         print("set input=<validation-style tree>", file=sys.stderr)
         return 2

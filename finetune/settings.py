@@ -3,14 +3,17 @@
 - `EvalConfig`        -> `python -m finetune.evaluate`
 - `ReconstructConfig` -> `python -m finetune.reconstruct` and `python -m finetune.classical`
   (the baselines write the same submission tree as the model, so they share its config)
+- `FinetuneConfig`    -> `python -m finetune.train` (one adapter) and `python -m finetune.bank`
 
-Every field has a default so `launch.cli.load_config(Cls)` works without a file. Add further stage
-configs (e.g. `FinetuneConfig`) as new top-level dataclasses below; nothing here needs to change.
+Every field has a default so `launch.cli.load_config(Cls)` works without a file.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from models.sizes import ModelConfig
+from shards.loader import LoaderConfig
 
 
 @dataclass
@@ -74,14 +77,13 @@ class ReconstructConfig:
     # Only this task ("TaskR1", ...); "" reconstructs every task found.
     task: str = ""
     progress: bool = True
+    # Methods written side by side: "cmrfm" (backbone + adapters) -> `out`; "zero_filled", "sense",
+    # "l1_wavelet" -> `<out>_<method>` (python -m finetune.reconstruct).
+    methods: list[str] = field(default_factory=lambda: ["cmrfm"])
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)
 
 
 # ---- fine-tuning (adapters per contrast x pattern): `python -m finetune.train`, `python -m finetune.bank`
-# (appended by the fine-tuning helper; the sections above are the evaluation helper's)
-
-from models.sizes import ModelConfig  # noqa: E402  (kept next to the configs that use them)
-from shards.loader import LoaderConfig  # noqa: E402
 
 
 @dataclass
@@ -168,15 +170,3 @@ class FinetuneConfig:
     optim: FinetuneOptim = field(default_factory=FinetuneOptim)
     loss: FinetuneLoss = field(default_factory=FinetuneLoss)
     run: FinetuneRun = field(default_factory=FinetuneRun)
-
-
-@dataclass
-class ReconstructRun(ReconstructConfig):
-    """`python -m finetune.reconstruct`: ReconstructConfig plus the methods written side by side.
-
-    (A subclass so the evaluation helper's ReconstructConfig stays as it is; fold `methods` into it
-    when convenient.)
-    """
-
-    methods: list[str] = field(default_factory=lambda: ["cmrfm"])
-    """"cmrfm" (backbone + adapters) -> `out`; "zero_filled", "sense", "l1_wavelet" -> `<out>_<method>`."""

@@ -16,7 +16,7 @@ import torch
 from finetune.classical import zero_filled
 from finetune.ranking import crop_selected, ranking_shape, select_frames, select_slices
 from finetune.reconstruct import ModelBank, infer_pattern, reconstruct_tree, run, window_frames
-from finetune.settings import ReconstructRun
+from finetune.settings import ReconstructConfig
 from finetune.submission import parse_kus_path
 from models.adapters import add_adapters, lora_layers, save_adapter
 from pretrain.checkpoint import load_backbone
@@ -53,8 +53,8 @@ def bank(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> tuple
     return backbone, tmp / "adapters"
 
 
-def cfg_for(inp: Path, out: Path, bank: tuple[Path, Path], **kw) -> ReconstructRun:
-    return ReconstructRun(input=str(inp), out=str(out), backbone=str(bank[0]), adapters=str(bank[1]), batch_size=4,
+def cfg_for(inp: Path, out: Path, bank: tuple[Path, Path], **kw) -> ReconstructConfig:
+    return ReconstructConfig(input=str(inp), out=str(out), backbone=str(bank[0]), adapters=str(bank[1]), batch_size=4,
                           progress=False, **kw)
 
 

@@ -25,8 +25,9 @@ import numpy as np
 import sigpy as sp
 import sigpy.mri.app as mri_app
 
-from finetune.ranking import crop_selected, ifft2c, select_frames, select_slices
+from finetune.ranking import crop_selected, select_frames, select_slices
 from finetune.settings import ClassicalConfig, ReconstructConfig
+from shards.fft import ifft2c
 
 
 def _check(kspace: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

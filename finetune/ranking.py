@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shards.fft import ifft2c
+
 # Substrings `run4Ranking_2025.m` looks for in the file name (case-sensitive, as in MATLAB). `T2smap`
 # is listed on its own because "T2map" is not a substring of "T2smap"; `T1mappost` is implied by
 # "T1map" but listed as the `.m` lists it.
@@ -160,12 +162,6 @@ def img4ranking(image: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name}: img4ranking expects (nt, nz, ny, nx), got shape {arr.shape}")
     nt, nz = arr.shape[:2]
     return crop_selected(arr[np.ix_(select_frames(nt, name), select_slices(nz))])
-
-
-def ifft2c(kspace: np.ndarray) -> np.ndarray:
-    """Centred orthonormal 2-D inverse FFT over the last two axes (MATLAB ifft2c, odd sizes included)."""
-    axes = (-2, -1)
-    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(kspace, axes=axes), norm="ortho"), axes=axes)
 
 
 def img4ranking_from_kspace(kspace: np.ndarray, name: str) -> np.ndarray:

@@ -43,6 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from launch.cli import dump_config, parse_args
+from shards.fft import fft2c, ifft2c
 from shards.masks import ACCELERATIONS_2025, ACS_2024, PATTERNS_2025, make_mask, mask_name
 from shards.matfile import write_fastmri, write_mat5, write_mat73
 from shards.phantom import coil_maps, frames_for, is_four_d, random_anatomy, render_images
@@ -235,12 +236,6 @@ def _plan(cfg: SyntheticConfig) -> list[_Job]:
     return jobs
 
 
-def _fft2c(x: np.ndarray) -> np.ndarray:
-    """Centred orthonormal 2-D FFT over the last two axes (MATLAB fft2c)."""
-    axes = (-2, -1)
-    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=axes), axes=axes, norm="ortho"), axes=axes)
-
-
 def _synth_kspace(job: _Job, cfg: SyntheticConfig, vendor: str, model: str, ny: int, nx: int,
                   ncoils: int) -> tuple[np.ndarray, float, int]:
     """Fully sampled complex128 k-space (nt, nz, nc, ny, nx), the oversampling, and the grid ny."""
@@ -250,7 +245,7 @@ def _synth_kspace(job: _Job, cfg: SyntheticConfig, vendor: str, model: str, ny: 
     ny_grid = ny + 2 * abs(job.dc_shift) + 2 if job.dc_shift else ny
     img = render_images(job.stem, job.nt, job.nz, ny_grid, nx, os_, anat, rng)
     sens = coil_maps(ncoils, ny_grid, nx, os_, rng)
-    k = _fft2c(img[:, :, None] * sens[None, None])
+    k = fft2c(img[:, :, None] * sens[None, None])
     if job.dc_shift:  # keep ny rows with DC at ny//2 + dc_shift (asymmetric ky coverage, not zero-filled)
         start = ny_grid // 2 - (ny // 2 + job.dc_shift)
         k = k[..., start:start + ny, :]
@@ -401,7 +396,7 @@ def _run_fastmri(job: _Job, cfg: SyntheticConfig, root: Path) -> tuple[list[dict
     k, _, _ = _synth_kspace(sub, cfg, "fastMRI", "", ny, nx, cfg.fastmri_coils)
     k = (k[0] / np.abs(k).max() * 3e-4).astype(np.complex64)  # fastMRI k-space is ~1e-4..1e-3
     ks = np.ascontiguousarray(k.transpose(0, 1, 3, 2))  # internal (nz, nc, ny, nx) -> fastMRI (slices, coils, readout, phase)
-    img = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(ks, axes=(-2, -1)), axes=(-2, -1), norm="ortho"), axes=(-2, -1))
+    img = ifft2c(ks)
     rss = np.sqrt((np.abs(img) ** 2).sum(1))
     crop = min(ny, nx)
     r0, c0 = nx // 2 - crop // 2, ny // 2 - crop // 2

@@ -54,3 +54,15 @@ def test_reversed_shift_order_is_wrong_for_odd_sizes() -> None:
     reversed_order = torch.fft.ifftshift(torch.fft.ifft2(torch.fft.fftshift(k), norm="ortho"))
     assert not torch.allclose(reversed_order, x, atol=1e-3)
     torch.testing.assert_close(ifft2c(k), x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 10), (2, 9, 7)])
+def test_numpy_twin_in_shards_matches_the_torch_transform(shape: tuple[int, ...]) -> None:
+    """shards.fft (numpy: corpus, scoring, baselines) and models.fft (torch) are one convention."""
+    from shards import fft as np_fft
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    np.testing.assert_allclose(np_fft.fft2c(x), fft2c(torch.from_numpy(x)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(np_fft.ifft2c(x), ifft2c(torch.from_numpy(x)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(np_fft.ifft2c(np_fft.fft2c(x)), x, atol=1e-5)

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-LATEST = "latest"
-_TAG = re.compile(r"^step(\d{8})$")
+from pretrain.checkpoint import LATEST, TAG_PATTERN, prune_tags, tag_for
+
 
 
 class ResumeError(RuntimeError):
@@ -56,7 +54,7 @@ def save_state(state_dir: str | os.PathLike, step: int, model: torch.nn.Module, 
     `model` is the unwrapped module (no DDP "module." prefix).
     """
     root = Path(state_dir)
-    tag_dir = root / f"step{step:08d}"
+    tag_dir = root / tag_for(step)
     tag_dir.mkdir(parents=True, exist_ok=True)
     names = {id(p): n for n, p in model.named_parameters()}
     if rank == 0:
@@ -75,10 +73,7 @@ def save_state(state_dir: str | os.PathLike, step: int, model: torch.nn.Module, 
     barrier()
     if rank == 0:
         _write_atomic(root / LATEST, lambda p: p.write_text(tag_dir.name + "\n"))
-        tags = sorted(d for d in root.iterdir() if d.is_dir() and _TAG.match(d.name))
-        for old in tags[:-max(keep, 1)]:
-            if old.name != tag_dir.name:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_tags(root, keep, protect=tag_dir.name)
     barrier()
     return tag_dir
 
@@ -90,7 +85,7 @@ def latest_tag(state_dir: str | os.PathLike) -> Path | None:
         return None
     tag = pointer.read_text().strip()
     folder = Path(state_dir) / tag
-    if not _TAG.match(tag) or not folder.is_dir():
+    if not TAG_PATTERN.match(tag) or not folder.is_dir():
         raise ResumeError(f"{pointer}: names {tag!r}, which is not a state folder")
     return folder
 

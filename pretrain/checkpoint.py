@@ -50,7 +50,7 @@ SCHEMA_VERSION = 1
 LATEST = "latest"
 BACKBONE = "backbone.safetensors"
 MODEL_CONFIG = "model_config.json"
-_TAG = re.compile(r"^step(\d{8})$")
+TAG_PATTERN = re.compile(r"^step(\d{8})$")   # tag_for(step); shared with finetune.resume
 
 
 
@@ -59,7 +59,7 @@ class CheckpointError(RuntimeError):
 
 
 __all__ = ["CheckpointError", "ResumeState", "save", "resume", "export_backbone", "load_backbone",
-           "read_latest", "tag_for"]
+           "read_latest", "tag_for", "prune_tags", "TAG_PATTERN", "LATEST"]
 
 
 def tag_for(step: int) -> str:
@@ -133,18 +133,18 @@ def save(engine: Any, ckdir: str | os.PathLike, step: int, loader_state: dict[st
     _barrier()   # every rank's files are on disk before the pointer moves
     if rank == 0:
         _atomic_write_text(ckdir / LATEST, tag + "\n")
-        _prune(ckdir, keep, protect=tag)
+        prune_tags(ckdir, keep, protect=tag)
     _barrier()
     return ckdir / tag
 
 
 def _tags(ckdir: Path) -> list[tuple[int, Path]]:
-    return sorted((int(m.group(1)), p) for p in ckdir.iterdir() if p.is_dir() and (m := _TAG.match(p.name)))
+    return sorted((int(m.group(1)), p) for p in ckdir.iterdir() if p.is_dir() and (m := TAG_PATTERN.match(p.name)))
 
 
-def _prune(ckdir: Path, keep: int, protect: str) -> None:
+def prune_tags(ckdir: Path, keep: int, protect: str) -> None:
     """Delete all but the newest `keep` complete tags (never `protect`, the one `latest` names)."""
-    latest_step = int(_TAG.match(protect).group(1))
+    latest_step = int(TAG_PATTERN.match(protect).group(1))
     complete = [(s, p) for s, p in _tags(ckdir) if s <= latest_step]
     for _, path in complete[: max(len(complete) - max(keep, 1), 0)]:
         if path.name != protect:
@@ -169,7 +169,7 @@ def read_latest(ckdir: str | os.PathLike) -> str | None:
     if not pointer.exists():
         return None
     tag = pointer.read_text().strip()
-    if not _TAG.match(tag):
+    if not TAG_PATTERN.match(tag):
         raise CheckpointError(f"{pointer}: does not name a checkpoint tag (content {tag[:80]!r})")
     model_states = ckdir / tag / "mp_rank_00_model_states.pt"
     if not model_states.is_file():
@@ -231,7 +231,7 @@ def discard_incomplete(ckdir: str | os.PathLike) -> list[Path]:
     if not ckdir.exists():
         return []
     latest = read_latest(ckdir)
-    newest = int(_TAG.match(latest).group(1)) if latest else -1
+    newest = int(TAG_PATTERN.match(latest).group(1)) if latest else -1
     stale = [p for s, p in _tags(ckdir) if s > newest]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)

@@ -131,8 +131,9 @@ def count_training_samples(cfg: FinetuneConfig) -> int:
 def training_batches(loader: Any, keep: Callable[[dict], bool], limit: int = 10_000) -> Iterator[dict]:
     """The loader's batches reduced to kept samples that have a fully sampled target.
 
-    The shard loader has no metadata filter, so other contrasts are decoded and dropped here;
-    `limit` consecutive samples without a match means the shards hold none (an error, not a hang).
+    The loader already reads only this contrast (`data.select`); held-out centers and scanners and
+    samples without a reference are dropped here. `limit` consecutive samples without a match means
+    the shards hold none (an error, not a hang).
     """
     misses = 0
     for batch in loader:
@@ -252,7 +253,9 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> TrainR
     params = trainable_parameters(model)
     n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    data_cfg = dataclasses.replace(cfg.data, patterns=[cfg.adapter.pattern], mode="train")
+    # read only this contrast: shards without it are dropped, other samples skipped before decoding
+    data_cfg = dataclasses.replace(cfg.data, patterns=[cfg.adapter.pattern], mode="train",
+                                   select={**cfg.data.select, "modality": [cfg.adapter.contrast]})
     loader = make_loader(data_cfg, rank, world)
     start = 0
     tag = latest_tag(folder / "state") if cfg.run.resume else None

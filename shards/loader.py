@@ -48,7 +48,6 @@ skipped with a warning naming __url__ and __key__ and counted (`loader.skipped`)
 from __future__ import annotations
 
 import copy
-import glob
 import itertools
 import json
 import logging
@@ -57,19 +56,18 @@ import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.manifest import MANIFEST_NAME, Manifest
 from shards.masks import ACCELERATIONS_2025, PATTERNS_2025, make_mask
 from shards.normalise import kspace_scale
 from shards.sample import META_MEMBER, SCHEMA_VERSION, Sample
-from shards.select import Selection, check_selection, matches, selected_samples
+from shards.mix import MixPlan, MixSource, plan_mix
+from shards.select import Selection, matches, shard_entries
 
 # Backstop only: this module never calls webdataset's default decoders (which unpickle .pyd/.pkl).
 os.environ.setdefault("WDS_SECURE", "1")
@@ -103,6 +101,12 @@ class LoaderConfig:
     """most samples waiting in shape buckets before the oldest bucket leaves as a smaller batch"""
     prefetch: int = 2
     """batches prefetched per worker"""
+    mix: list[MixSource] = field(default_factory=list)
+    """corpora to mix ([[data.mix]] tables: shards, select, weight; shards.mix); empty: `shards` alone"""
+    mix_by: list[str] = field(default_factory=list)
+    """stratum fields whose value combinations are the mixed groups, e.g. ["modality", "center"]"""
+    temperature: float = 1.0
+    """group shares ~ samples ** (1 / temperature) unless the sources carry weights (1: as stored)"""
     select: dict[str, list[str]] = field(default_factory=dict)
     """only these samples, e.g. {modality = ["cine"], center = ["Center001"]} (shards.select): shards
     without any are dropped (manifest strata) before the split over ranks and workers, and the other
@@ -113,31 +117,9 @@ class LoaderConfig:
 
 
 def resolve_shards(spec: str, split: str, select: Selection | None = None) -> list[str]:
-    """Shard paths: the manifest's list for `split` (a directory), or a brace pattern / glob.
-
-    With a selection, a directory's shards whose strata hold no selected sample are left out (a
-    pattern has no manifest: every shard stays, and the samples are filtered as they stream)."""
-    path = Path(spec)
-    if select:
-        check_selection(select)
-    if path.is_dir():
-        manifest = Manifest.read(path)
-        if manifest.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"{path / MANIFEST_NAME}: schema {manifest.schema_version}, reader is {SCHEMA_VERSION}")
-        entries = [e for e in manifest.shards if e.split == split]
-        if select:
-            if any(not e.strata for e in entries):
-                log.warning("%s: manifest has no per-shard strata (converted before they existed): the selection "
-                            "cannot skip whole shards, only samples", path / MANIFEST_NAME)
-            entries = [e for e in entries if selected_samples(e, select) != 0]
-            if not entries:
-                raise ValueError(f"{spec}: no {split} shard holds a sample selected by {dict(select)}")
-        urls = [str(path / e.name) for e in entries]
-    else:
-        urls = sorted({u for pat in braceexpand.braceexpand(spec) for u in (glob.glob(pat) or [pat])})
-    if not urls:
-        raise ValueError(f"{spec}: no shards (split {split!r})")
-    return urls
+    """Shard paths to read: the manifest's list for `split` (a directory; with a selection, only
+    shards that hold selected samples), or a brace pattern / glob (shards.select.shard_entries)."""
+    return [url for url, _ in shard_entries(spec, split, select)]
 
 
 @dataclass(frozen=True)
@@ -173,15 +155,15 @@ class ShardPlan:
 # --------------------------------------------------------------------------------------------- stages
 
 
-def _raw_samples(url: str, start: int, select: Selection | None = None) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+def _raw_samples(url: str, start: int, keep: Callable[[int, dict], bool] | None = None) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """(offset, key, {member: bytes}) for the samples of one tar from `start` on, grouped by key as
     webdataset does (`<key>.<member>`, key = name up to the first dot). Members of skipped samples are
     not read. A truncated tar raises (tarfile.TarError/OSError/EOFError) after its intact part.
 
-    With a selection, a sample's meta.json is read first and the sample is passed over (its k-space
-    never read) unless it is selected; offsets still count every sample, so positions do not depend
-    on the selection. A meta.json that does not parse lets the sample through, so that decoding
-    reports it.
+    With `keep(offset, meta)` (selection, mixing), a sample's meta.json is read first and the sample
+    is passed over (its k-space never read) unless kept; offsets still count every sample, so
+    positions do not depend on the decision. A meta.json that does not parse lets the sample
+    through, so that decoding reports it.
 
     The tar is opened seekable ("r:"): each member is one read() call. webdataset's tar_file_iterator
     streams ("r|*") in 10 KiB reads, which cost 37% of the loader's time on real-sized samples."""
@@ -192,14 +174,14 @@ def _raw_samples(url: str, start: int, select: Selection | None = None) -> Itera
             raise tarfile.ReadError(f"unexpected end of data in {info.name}")
         return data
 
-    def wanted(tf: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) -> bool:
-        if not select or META_MEMBER not in members:
+    def wanted(tf: tarfile.TarFile, off: int, members: dict[str, tarfile.TarInfo]) -> bool:
+        if keep is None or META_MEMBER not in members:
             return True
         try:
             meta = json.loads(read(tf, members[META_MEMBER]))
         except ValueError:
             return True
-        return not isinstance(meta, dict) or matches(meta, select)
+        return not isinstance(meta, dict) or keep(off, meta)
 
     with tarfile.open(url, mode="r:") as tf:
         key, off, members = None, -1, {}
@@ -208,7 +190,7 @@ def _raw_samples(url: str, start: int, select: Selection | None = None) -> Itera
                 continue
             k = None if info is None else info.name.partition(".")[0]
             if k != key:
-                if key is not None and off >= start and wanted(tf, members):
+                if key is not None and off >= start and wanted(tf, off, members):
                     yield off, key, {ext: read(tf, m) for ext, m in members.items()}
                 key, off, members = k, off + 1, {}
             if info is not None and off >= start:
@@ -251,7 +233,8 @@ def prepare(sample: Sample, rng: np.random.Generator, cfg: LoaderConfig, train: 
     t_all, _, ny, nx = k.shape
     start = int(rng.integers(0, max(t_all - cfg.frames, 0) + 1)) if train else 0
     frames = np.clip(np.arange(start, start + cfg.frames), 0, t_all - 1)   # replicate the last frame
-    meta = dict(sample.meta, __key__=sample.key, __url__=sample.extra.get("__url__", ""), frames=frames.tolist())
+    meta = dict(sample.meta, __key__=sample.key, __url__=sample.extra.get("__url__", ""), frames=frames.tolist(),
+                mix_group=sample.extra.get("mix_group"))
     acquired = sample.mask is not None and (not sample.meta.get("fully_sampled") or cfg.use_acquired_mask)
     if acquired:
         m = sample.mask[np.minimum(frames, sample.mask.shape[0] - 1)]          # 2-D masks: T_mask = 1
@@ -297,8 +280,8 @@ class _Stream:
     Each stage is a generator over the previous one; the stream position (`self.next`, the pending
     bucket positions, `self.skipped`) is what `state()` reports with every batch."""
 
-    def __init__(self, urls: list[str], plan: ShardPlan, cfg: LoaderConfig, worker: int, state: dict) -> None:
-        self.urls, self.plan, self.cfg, self.worker = urls, plan, cfg, worker
+    def __init__(self, mix: MixPlan, plan: ShardPlan, cfg: LoaderConfig, worker: int, state: dict) -> None:
+        self.mix, self.urls, self.plan, self.cfg, self.worker = mix, mix.urls, plan, cfg, worker
         self.train = cfg.mode == "train"
         self.next = tuple(state["next"])                 # (draw, offset) of the next raw sample
         self.pending = [tuple(p) for p in state["pending"]]
@@ -333,12 +316,23 @@ class _Stream:
             if self.train and d % max(self.plan.per_epoch(self.worker), 1) == 0 and self.skipped:
                 log.info("worker %d: epoch %d done, %d samples skipped so far", self.worker, drawn[0], self.skipped)
 
+    def _keep(self, epoch: int, shard: int) -> Callable[[int, dict], bool] | None:
+        """The per-sample decision of one shard from its meta.json: selected, and (training) kept by
+        the mix's rejection sampling; None when every sample is kept."""
+        select = self.mix.selects[self.mix.url_source[shard]]
+        mixing = self.train and not self.mix.trivial
+        if not select and not mixing:
+            return None
+        seed = self.cfg.seed
+        return lambda off, meta: matches(meta, select) and (
+            not mixing or self.mix.accept(shard, meta, [seed, epoch, shard, off]))
+
     def tar(self, shards: Iterator[tuple[int, int, int]]) -> Iterator[tuple[tuple[int, int], str, dict]]:
-        for d, _, shard in shards:
+        for d, epoch, shard in shards:
             url, key = self.urls[shard], "(start of shard)"
             start = self.next[1] if d == self.next[0] else 0
             try:
-                for off, key, files in _raw_samples(url, start, self.cfg.select):
+                for off, key, files in _raw_samples(url, start, self._keep(epoch, shard)):
                     self.next = (d, off + 1)
                     yield (d, off), key, files
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
@@ -412,6 +406,8 @@ class _Stream:
             self._skip(url, key, exc)
             return None
         sample.extra["__url__"] = url
+        g = self.mix.group_of(self.mix.url_source[self.plan.draw(self.worker, pos[0])[1]], sample.meta)
+        sample.extra["mix_group"] = None if g is None else self.mix.groups[g].name
         return sample
 
     def _prepare_one(self, pos: tuple[int, int], sample: Sample) -> dict | None:
@@ -444,14 +440,14 @@ class _Streams(IterableDataset):
     """The logical streams, one per DataLoader worker, rotated so that logical worker `first` runs in
     DataLoader worker 0 (the DataLoader's round-robin always starts at worker 0)."""
 
-    def __init__(self, urls: list[str], plan: ShardPlan, cfg: LoaderConfig, states: list[dict], first: int) -> None:
-        self.urls, self.plan, self.cfg, self.states, self.first = urls, plan, cfg, states, first
+    def __init__(self, mix: MixPlan, plan: ShardPlan, cfg: LoaderConfig, states: list[dict], first: int) -> None:
+        self.mix, self.plan, self.cfg, self.states, self.first = mix, plan, cfg, states, first
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         physical = 0 if info is None else info.id
         w = (physical + self.first) % len(self.states)
-        return iter(_Stream(self.urls, self.plan, self.cfg, w, self.states[w]))
+        return iter(_Stream(self.mix, self.plan, self.cfg, w, self.states[w]))
 
 
 # --------------------------------------------------------------------------------------------- loader
@@ -466,7 +462,8 @@ class ShardLoader:
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world {world}")
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.urls = resolve_shards(cfg.shards, cfg.split, cfg.select)
+        self.mix = plan_mix(cfg.shards, cfg.split, cfg.select, cfg.mix, cfg.mix_by, cfg.temperature)
+        self.urls = self.mix.urls
         self.n_streams = max(1, cfg.workers)
         self.plan = ShardPlan(len(self.urls), rank, world, self.n_streams, cfg.seed, endless=cfg.mode == "train")
         if cfg.mode == "train" and len(self.urls) < world * self.n_streams:
@@ -484,6 +481,14 @@ class ShardLoader:
     def _reset(self) -> None:
         self._states = [{"next": [0, 0], "pending": [], "skipped": 0, "done": False} for _ in range(self.n_streams)]
         self._next_worker = 0
+        self._mixed: dict[str, int] = {}
+
+    @property
+    def mixed(self) -> dict[str, dict[str, float]]:
+        """Per mix group: its configured share, and the share and count of the samples handed out so far."""
+        total = max(sum(self._mixed.values()), 1)
+        return {g.name: {"configured": g.weight, "realised": self._mixed.get(g.name, 0) / total,
+                         "samples": self._mixed.get(g.name, 0)} for g in self.mix.groups}
 
     @property
     def skipped(self) -> int:
@@ -493,7 +498,7 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict]:
         if self.cfg.mode == "eval" and all(s["done"] for s in self._states):
             self._reset()                                       # a finished eval pass: start a new one
-        dataset = _Streams(self.urls, self.plan, self.cfg, copy.deepcopy(self._states), self._next_worker)
+        dataset = _Streams(self.mix, self.plan, self.cfg, copy.deepcopy(self._states), self._next_worker)
         if self.cfg.workers == 0:
             items: Any = iter(dataset)
         else:
@@ -503,21 +508,27 @@ class ShardLoader:
             self._states[it["worker"]] = it["state"]
             self._next_worker = (it["worker"] + 1) % self.n_streams
             if it["batch"] is not None:
+                for meta in it["batch"]["meta"]:
+                    name = str(meta.get("mix_group"))
+                    self._mixed[name] = self._mixed.get(name, 0) + 1
                 yield it["batch"]
 
     def state_dict(self) -> dict:
         """JSON-able position of this loader (as of the last batch handed out)."""
         return {"version": STATE_VERSION, "mode": self.cfg.mode, "seed": self.cfg.seed, "rank": self.rank,
                 "world": self.world, "workers": self.n_streams, "shards": len(self.urls), "select": dict(self.cfg.select),
+                "mix": self.mix.signature(), "mixed": dict(self._mixed),
                 "next_worker": self._next_worker, "streams": copy.deepcopy(self._states)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken (same config, rank, world and worker count)."""
         mine = self.state_dict()
-        for k in ("version", "mode", "seed", "rank", "world", "workers", "shards", "select"):
-            if state.get(k, {} if k == "select" else None) != mine[k]:
+        absent = {"select": {}, "mix": [["all", 1.0]]}           # states written before selection and mixing
+        for k in ("version", "mode", "seed", "rank", "world", "workers", "shards", "select", "mix"):
+            if state.get(k, absent.get(k)) != mine[k]:
                 raise ValueError(f"loader state does not fit: {k} is {state.get(k)!r} in the state, {mine[k]!r} here")
         self._states = copy.deepcopy(state["streams"])
+        self._mixed = dict(state.get("mixed", {}))
         self._next_worker = int(state["next_worker"])
 
 

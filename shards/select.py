@@ -11,9 +11,17 @@ skip the others of a mixed shard without decoding them.
 
 from __future__ import annotations
 
+import glob
+import logging
+from pathlib import Path
 from typing import Any, Mapping
 
-from shards.manifest import STRATUM_FIELDS, ShardEntry
+import braceexpand
+
+from shards.manifest import MANIFEST_NAME, STRATUM_FIELDS, Manifest, ShardEntry
+from shards.sample import SCHEMA_VERSION
+
+log = logging.getLogger("cmrfm.shards.select")
 
 Selection = Mapping[str, list[str]]
 
@@ -46,3 +54,33 @@ def selected_samples(entry: ShardEntry, select: Selection) -> int | None:
     if not entry.strata:
         return None
     return sum(int(s["samples"]) for s in entry.strata if matches(s, select))
+
+
+def shard_entries(spec: str, split: str, select: Selection | None = None) -> list[tuple[str, ShardEntry | None]]:
+    """(path, manifest entry) of the shards to read: the manifest's list for `split` (a directory),
+    or a brace pattern / glob (entries None: no manifest).
+
+    With a selection, a directory's shards whose strata hold no selected sample are left out (a
+    pattern has no manifest: every shard stays, and the samples are filtered as they stream)."""
+    path = Path(spec)
+    if select:
+        check_selection(select)
+    if not path.is_dir():
+        urls = sorted({u for pat in braceexpand.braceexpand(spec) for u in (glob.glob(pat) or [pat])})
+        if not urls:
+            raise ValueError(f"{spec}: no shards (split {split!r})")
+        return [(u, None) for u in urls]
+    manifest = Manifest.read(path)
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise ValueError(f"{path / MANIFEST_NAME}: schema {manifest.schema_version}, reader is {SCHEMA_VERSION}")
+    entries = [e for e in manifest.shards if e.split == split]
+    if not entries:
+        raise ValueError(f"{spec}: no shards (split {split!r})")
+    if select:
+        if any(not e.strata for e in entries):
+            log.warning("%s: manifest has no per-shard strata (converted before they existed): the selection "
+                        "cannot skip whole shards, only samples", path / MANIFEST_NAME)
+        entries = [e for e in entries if selected_samples(e, select) != 0]
+        if not entries:
+            raise ValueError(f"{spec}: no {split} shard holds a sample selected by {dict(select)}")
+    return [(str(path / e.name), e) for e in entries]

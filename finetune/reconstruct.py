@@ -44,9 +44,11 @@ from typing import Callable
 import h5py
 import numpy as np
 import torch
+import torch.distributed as tdist
 from safetensors import SafetensorError
 from tqdm import tqdm
 
+from finetune.rank_share import Journal, fingerprint, share
 from finetune.ranking import crop_selected, select_frames, select_slices
 from finetune.settings import ReconstructConfig
 from finetune.submission import SubmissionError, mask_path, parse_kus_path, save_img4ranking
@@ -56,6 +58,7 @@ from models.coils import rss
 from models.fft import ifft2c
 from models.recon import ReconModel
 from pretrain.checkpoint import BACKBONE, CheckpointError, load_backbone
+from pretrain.dist_env import DistEnv, export_for_torch, read_dist_env
 from shards.layout import parse_scanner, view_of
 from shards.masks import PATTERNS_2025
 from shards.matfile import MatFileError, is_fastmri, read_fastmri, read_kspace, read_mask, write_mat5
@@ -292,28 +295,64 @@ def find_inputs(root: Path, task: str = "") -> tuple[list[Path], list[Path]]:
     return kus, h5
 
 
+def output_path(path: Path, root: Path, out: Path) -> Path:
+    """Where the output of input `path` goes: same relative path (kus: without UnderSample_ prefix folders)."""
+    if path.suffix == ".h5":
+        return out / path.relative_to(root)
+    return out / parse_kus_path(path).relative_path("UnderSample_")
+
+
+def _join_ranks(cfg: ReconstructConfig) -> tuple[DistEnv, bool]:
+    """This process's rank (torchrun / srun variables); joins a gloo group when there are several.
+    Returns (rank info, whether this call created the group)."""
+    dist = read_dist_env("cuda" if cfg.device.startswith("cuda") else "cpu")
+    if dist.world_size == 1 or tdist.is_initialized():
+        return dist, False
+    export_for_torch(dist)
+    tdist.init_process_group("gloo", rank=dist.rank, world_size=dist.world_size)   # reports only: CPU objects
+    return dist, True
+
+
 def reconstruct_tree(cfg: ReconstructConfig, log: Callable[[str], None] | None = None) -> dict:
-    """Reconstruct every input under `cfg.input` into `cfg.out`; returns the report (also written)."""
-    log = log or (lambda msg: print(f"[reconstruct] {msg}", file=sys.stderr))
+    """Reconstruct every input under `cfg.input` into `cfg.out`; returns the report (also written).
+
+    On several processes (torchrun, srun) each rank reconstructs its share of the inputs
+    (finetune.rank_share); rank 0 writes the one report. Inputs a previous run of the same
+    configuration finished (journal) are not redone."""
+    dist, created = _join_ranks(cfg)
+    rank, world = dist.rank, dist.world_size
+    tag = f"[reconstruct rank {rank}/{world}]" if world > 1 else "[reconstruct]"
+    log = log or (lambda msg: print(f"{tag} {msg}", file=sys.stderr))
     root, out = Path(cfg.input), Path(cfg.out)
     kus, h5 = find_inputs(root, cfg.task)
     if not kus and not h5:
         raise ReconstructError(root, "no *_kus_*.mat under UnderSample_<Task> folders and no fastMRI .h5 files")
-    device = torch.device(cfg.device)
+    inputs = kus + h5
+    settings = {k: getattr(cfg, k) for k in ("frames", "batch_size", "full_volumes", "task", "backbone", "adapters")}
+    settings.update(input=str(root.resolve()), out=str(out.resolve()), device=cfg.device.split(":")[0])
+    journal = Journal(out, fingerprint(settings, cfg.backbone, cfg.adapters), rank, world)
+    done = {p: o for p, o in journal.done().items() if output_path(Path(p), root, out).is_file()}
+    if world > 1:
+        tdist.barrier()                # every rank has read the journal before anyone appends to it
+    mine = share([p for p in inputs if str(p) not in done], rank, world)
+    if done:
+        log(f"resuming: {len(done)} of {len(inputs)} files were written by an interrupted run of this configuration")
+    device = torch.device(dist.device if cfg.device.startswith("cuda") and world > 1 else cfg.device)
     bank = ModelBank(cfg.backbone, cfg.adapters, device)
     outcomes: list[FileOutcome] = []
     t0, n_slices = time.perf_counter(), 0
-    bar = tqdm(kus + h5, desc="reconstruct", unit="file", disable=not cfg.progress)
+    bar = tqdm(mine, desc=f"reconstruct {rank}/{world}" if world > 1 else "reconstruct", unit="file",
+               disable=not cfg.progress, position=rank)
     for path in bar:
         try:
             if path.suffix == ".h5":
-                outcome = reconstruct_fastmri(path, bank, cfg, out / path.relative_to(root))
+                outcome = reconstruct_fastmri(path, bank, cfg, output_path(path, root, out))
             else:
                 outcome, ranked, volume = reconstruct_file(path, bank, cfg)
-                rel = parse_kus_path(path).relative_path("UnderSample_")
-                save_img4ranking(out / rel, ranked)
+                save_img4ranking(output_path(path, root, out), ranked)
                 if volume is not None:
-                    write_volume(Path(f"{out}_volumes") / rel, volume)
+                    write_volume(Path(f"{out}_volumes") / output_path(path, root, out).relative_to(out), volume)
+            journal.record(dataclasses.asdict(outcome))
         except (ReconstructError, SubmissionError, MatFileError, ValueError, OSError) as exc:
             outcome = FileOutcome(str(path), error=str(exc) if str(path) in str(exc) else f"{path}: {exc}")
             log(f"skipped {outcome.error}")
@@ -322,17 +361,39 @@ def reconstruct_tree(cfg: ReconstructConfig, log: Callable[[str], None] | None =
         outcomes.append(outcome)
         n_slices += outcome.slices
         bar.set_postfix(slices_per_s=f"{n_slices / max(time.perf_counter() - t0, 1e-9):.2f}")
-    report = {"input": str(root), "out": str(out), "files": len(outcomes),
-              "written": sum(1 for o in outcomes if not o.error), "errors": [o.error for o in outcomes if o.error],
-              "slices": n_slices, "seconds": round(time.perf_counter() - t0, 2),
-              "adapters": {o.path: o.adapter for o in outcomes if not o.error},
-              "notes": [n for o in outcomes for n in o.notes]}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "reconstruct_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / "reconstruct_report.json")
-    log(f"wrote {report['written']}/{report['files']} files to {out} ({n_slices} slices, "
-        f"{n_slices / max(report['seconds'], 1e-9):.2f} slices/s); {len(report['errors'])} error(s)")
+    seconds = time.perf_counter() - t0
+    mine_stats = {"rank": rank, "files": len(outcomes), "slices": n_slices, "seconds": round(seconds, 2),
+                  "slices_per_s": round(n_slices / max(seconds, 1e-9), 3)}
+    if world > 1:
+        log(f"{len(outcomes)} files, {n_slices} slices in {seconds:.1f} s: {mine_stats['slices_per_s']:.2f} slices/s")
+    gathered: list = [None] * world
+    if world > 1:
+        tdist.all_gather_object(gathered, ([dataclasses.asdict(o) for o in outcomes], mine_stats))
+    else:
+        gathered = [([dataclasses.asdict(o) for o in outcomes], mine_stats)]
+    by_path = {**done, **{o["path"]: o for got, _ in gathered for o in got}}
+    merged = [FileOutcome(**by_path[str(p)]) for p in inputs if str(p) in by_path]
+    ranks = [stats for _, stats in gathered]
+    new_slices, wall = sum(r["slices"] for r in ranks), max(r["seconds"] for r in ranks)
+    report = {"input": str(root), "out": str(out), "files": len(merged),
+              "written": sum(1 for o in merged if not o.error), "errors": [o.error for o in merged if o.error],
+              "slices": sum(o.slices for o in merged), "seconds": round(wall, 2),
+              "resumed": len(done), "ranks": ranks,
+              "adapters": {o.path: o.adapter for o in merged if not o.error},
+              "notes": [n for o in merged for n in o.notes]}
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "reconstruct_report.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, out / "reconstruct_report.json")
+        if report["written"] + len(report["errors"]) == len(inputs):
+            journal.remove()
+        log(f"wrote {report['written']}/{report['files']} files to {out} ({new_slices} slices on {world} rank(s), "
+            f"{new_slices / max(wall, 1e-9):.2f} slices/s in total); {len(report['errors'])} error(s)")
+    if world > 1:
+        tdist.barrier()
+    if created:
+        tdist.destroy_process_group()
     return report
 
 

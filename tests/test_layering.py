@@ -4,7 +4,7 @@
     shards      -> launch.cli                          never models / pretrain / finetune / deepspeed / torch.distributed
     models      -> torch, timm, einops, numpy          never shards / pretrain / finetune / deepspeed / torch.distributed
     pretrain    -> shards, models, launch.cli          only pretrain/engine.py imports deepspeed
-    finetune    -> shards, models, pretrain.checkpoint, launch.cli    never deepspeed
+    finetune    -> shards, models, pretrain.checkpoint, pretrain.dist_env, launch.cli    never deepspeed
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def forbidden(package: str, file: Path, module: str) -> str | None:
             "shards": {"launch.cli"},
             "models": set(),
             "pretrain": {"shards", "models", "launch.cli"},
-            "finetune": {"shards", "models", "pretrain.checkpoint", "launch.cli"},
+            "finetune": {"shards", "models", "pretrain.checkpoint", "pretrain.dist_env", "launch.cli"},
         }[package]
         if not any(module == a or module.startswith(a + ".") for a in allowed):
             return f"{package}/ may import only {sorted(allowed) or 'no other project package'}"

@@ -15,8 +15,8 @@
 2. For each size in `sizes`, each variant of {activation checkpointing off/on} x {torch.compile
    off/on (with `compile`)}: a plain PyTorch training step (SSDU loss, backward, AdamW) on
    `micro_batch` samples, timed over `steps` after `warmup` steps, in a fresh subprocess so peak
-   memory is that variant's alone (CUDA: max_memory_allocated; CPU: peak RSS growth over the
-   process before the first step). Precision: bf16 parameters on CUDA (DeepSpeed's bf16 mode), fp32
+   memory is that variant's alone (CUDA: max_memory_allocated; CPU: growth of the peak RSS, VmHWM,
+   over its value before the first step). Precision: bf16 parameters on CUDA (DeepSpeed's bf16 mode), fp32
    on CPU. MFU = FLOPs/sample x samples/s / peak FLOP/s; peak = `peak_tflops`, or the datasheet dense
    bf16 figure of the GPU (H100/H200 989, A100 312 TFLOP/s), or on CPU a measured fp32 matmul rate
    (so CPU MFU says how close the model runs to this CPU's own best matmul, not to a datasheet).
@@ -154,6 +154,15 @@ def peak_flops(cfg: ThroughputConfig) -> tuple[float, str]:
     return 2 * n**3 * reps / (time.perf_counter() - t), f"measured fp32 {n}x{n} matmul, {torch.get_num_threads()} threads"
 
 
+def peak_rss_kib() -> int:
+    """Peak resident memory of this process image (VmHWM). Not ru_maxrss: a child started by fork +
+    exec inherits its parent's high-water mark there, which hid every step's growth."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def time_variant(cfg: ThroughputConfig, size: str, checkpointing: bool, compiled: bool) -> dict:
     """One training-step variant in this (fresh) process -> seconds per step and peak memory."""
     from pretrain.objective import ObjectiveConfig, ssdu_step_loss
@@ -176,7 +185,7 @@ def time_variant(cfg: ThroughputConfig, size: str, checkpointing: bool, compiled
         opt.zero_grad(set_to_none=True)
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = peak_rss_kib()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for i in range(cfg.warmup):
@@ -187,8 +196,7 @@ def time_variant(cfg: ThroughputConfig, size: str, checkpointing: bool, compiled
         step(cfg.warmup + i)
     sync()
     seconds = (time.perf_counter() - t) / cfg.steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else \
-        (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else (peak_rss_kib() - rss0) / 2**20
     return {"seconds": seconds, "peak_gib": peak, "params": parameter_count(model)}
 
 

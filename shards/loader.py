@@ -55,7 +55,6 @@ import os
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -64,9 +63,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.masks import ACCELERATIONS_2025, PATTERNS_2025, make_mask
-from shards.normalise import kspace_scale
-from shards.sample import META_MEMBER, SCHEMA_VERSION, Sample
 from shards.mix import MixPlan, MixSource, plan_mix
+from shards.normalise import kspace_scale
+from shards.sample import META_MEMBER, Sample
 from shards.select import Selection, matches, shard_entries
 
 # Backstop only: this module never calls webdataset's default decoders (which unpickle .pyd/.pkl).

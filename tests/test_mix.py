@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -18,16 +17,13 @@ from pretrain.settings import PretrainConfig
 from shards.loader import LoaderConfig, make_loader
 from shards.manifest import Manifest
 from shards.mix import MixSource
+from test_select import batches_with_states, resumes_exactly, tar_metas
 
 N_DRAWS = 1000
 
 
 def modality_counts(shard_dir: Path, split: str = "train") -> Counter:
-    out: Counter = Counter()
-    for p in Manifest.read(shard_dir).shard_paths(shard_dir, split):
-        with tarfile.open(p) as tf:
-            out.update(json.load(tf.extractfile(m))["modality"] for m in tf if m.name.endswith(".meta.json"))
-    return out
+    return Counter(m["modality"] for p in Manifest.read(shard_dir).shard_paths(shard_dir, split) for m in tar_metas(p))
 
 
 def draw(cfg: LoaderConfig, n: int = N_DRAWS) -> tuple[list[dict], object]:
@@ -101,18 +97,8 @@ def test_mix_from_toml_and_bad_mixes(shard_dir: Path, tmp_path: Path) -> None:
 def test_exact_resume_under_mixing_and_selection(shard_dir: Path, workers: int) -> None:
     cfg = LoaderConfig(shards=str(shard_dir), split="train", workers=workers, micro_batch=2, bucket_limit=3, seed=4,
                        mix_by=["modality"], temperature=4.0, select={"year": ["2025"]})
-    loader = make_loader(cfg)
-    batches, states = [], []
-    for batch in loader:
-        batches.append(batch)
-        states.append(json.loads(json.dumps(loader.state_dict())))
-        if len(batches) == 8:
-            break
-    for i in (0, 3, 6):
-        restored = make_loader(cfg, state=states[i])
-        nxt = next(iter(restored))
-        assert [m["__key__"] for m in nxt["meta"]] == [m["__key__"] for m in batches[i + 1]["meta"]]
-        assert all((nxt[k] == batches[i + 1][k]).all() for k in ("kspace", "mask", "target", "scale"))
+    batches, states = batches_with_states(cfg)
+    for i, restored in resumes_exactly(cfg, batches, states).items():
         # the realised-mix tally resumes too: it counts every sample handed out up to that batch
         expect = Counter(m["mix_group"] for b in batches[: i + 2] for m in b["meta"])
         assert {g: v["samples"] for g, v in restored.mixed.items() if v["samples"]} == dict(expect)

@@ -133,22 +133,37 @@ def test_selection_matches_numbers_and_case() -> None:
     assert not matches(meta, {"center": ["Center002"]})
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_exact_resume_under_selection(shard_dir: Path, workers: int) -> None:
-    cfg = LoaderConfig(shards=str(shard_dir), split="train", workers=workers, micro_batch=2, bucket_limit=3, seed=3,
-                       select={"modality": ["cine", "lge"]})
+def batches_with_states(cfg: LoaderConfig, n: int = 8) -> tuple[list[dict], list[dict]]:
+    """The first n batches of a loader and, after each, its state as a checkpoint stores it (JSON)."""
     loader = make_loader(cfg)
     batches, states = [], []
     for batch in loader:
         batches.append(batch)
         states.append(json.loads(json.dumps(loader.state_dict())))
-        if len(batches) == 8:
+        if len(batches) == n:
             break
+    return batches, states
+
+
+def resumes_exactly(cfg: LoaderConfig, batches: list[dict], states: list[dict], at=(0, 3, 6)) -> dict[int, object]:
+    """Assert that a loader restored from states[i] yields batches[i + 1]; returns those loaders."""
+    restored = {}
+    for i in at:
+        loader = make_loader(cfg, state=states[i])
+        nxt = next(iter(loader))
+        assert keys_of([nxt]) == keys_of([batches[i + 1]]), i
+        assert all((nxt[k] == batches[i + 1][k]).all() for k in ("kspace", "mask", "target", "scale")), i
+        restored[i] = loader
+    return restored
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume_under_selection(shard_dir: Path, workers: int) -> None:
+    cfg = LoaderConfig(shards=str(shard_dir), split="train", workers=workers, micro_batch=2, bucket_limit=3, seed=3,
+                       select={"modality": ["cine", "lge"]})
+    batches, states = batches_with_states(cfg)
     assert {m["modality"] for b in batches for m in b["meta"]} <= {"Cine", "LGE"}
-    for i in (0, 3, 6):
-        nxt = next(iter(make_loader(cfg, state=states[i])))
-        assert keys_of([nxt]) == keys_of([batches[i + 1]])
-        assert all((nxt[k] == batches[i + 1][k]).all() for k in ("kspace", "mask", "target", "scale"))
+    resumes_exactly(cfg, batches, states)
     other = LoaderConfig(**{**cfg.__dict__, "select": {"modality": ["cine"]}})
     with pytest.raises(ValueError, match="does not fit"):
         make_loader(other, state=states[0])

@@ -8,7 +8,8 @@
         (other samples skipped from meta.json, never decoded) vs decoding every sample and dropping
         the others afterwards (what fine-tuning did before selection), selected samples/s
 
-Real sample sizes (10 coils x 162-328 x 288-518): `--set scale=4.5` (the default matrices x 4.5).
+Real sample sizes (10 coils x 162-328 x 288-518): `--set scale=4.5` (the default matrices x 4.5), or
+`--set profile=real` (shards.synthetic's per-file-type sizes of the 2025 release).
 
 The corpus is shards.synthetic at a benchmark `scale` (real-like matrix sizes, MATLAB-like gzip
 chunks spanning all leading axes, trap 15), restricted to its 2025 training tree and written as
@@ -62,6 +63,8 @@ class BenchConfig:
     """each timing is the best of this many runs"""
     loader_samples: int = 400
     """samples drawn per timed loader run (several epochs: worker start-up is included, amortised)"""
+    profile: str = ""
+    """SyntheticConfig.profile ("real": the release's matrix sizes per file type; scale is then ignored)"""
     select_modality: str = "Cine"
     """P6: the contrast a selective fine-tuning pass reads"""
 
@@ -127,7 +130,7 @@ def one_pass(cfg: LoaderConfig, keep) -> int:
 
 
 def run(cfg: BenchConfig, work: Path) -> None:
-    syn = SyntheticConfig(out=str(work / "corpus"), scale=cfg.scale, workers=cfg.workers, v5_every=0,
+    syn = SyntheticConfig(out=str(work / "corpus"), scale=cfg.scale, profile=cfg.profile, workers=cfg.workers, v5_every=0,
                           files_per_patient=cfg.files_per_patient, patients_per_scanner=cfg.patients_per_scanner,
                           nz_max=cfg.nz_max, val_patients_per_scanner=0, patients_2024=0, fastmri_files=0)
     t0 = time.perf_counter()

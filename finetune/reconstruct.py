@@ -414,6 +414,9 @@ def run(cfg: ReconstructConfig) -> dict[str, dict]:
         elif method in ("zero_filled", "sense", "l1_wavelet"):
             sub = dataclasses.replace(cfg, out=f"{cfg.out}_{method}",
                                       classical=dataclasses.replace(cfg.classical, method=method))
+            if read_dist_env().rank > 0:     # several ranks: the baselines are not split; rank 0 writes them
+                reports[method] = {"out": sub.out, "errors": []}
+                continue
             problems = classical_tree(sub)
             reports[method] = {"out": sub.out, "errors": problems}
         else:

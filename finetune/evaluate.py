@@ -6,7 +6,7 @@
 Each reconstruction file `.../UnderSample_<Task>/<Center>/<Vendor>/P###/<file>_kus_<Pattern><R>.mat`
 (variable `img4ranking`) is paired with the hidden `.../FullSample_<Task>/<Center>/<Vendor>/P###/<file>.mat`.
 A reference file holding `img4ranking` is used as it is (the organisers' ground truth); one holding
-k-space gets its img4ranking computed with `finetune.ranking` (RSS, crop, slices, frames).
+k-space gets its img4ranking computed with `challenge.ranking` (RSS, crop, slices, frames).
 
 Writes under `out` (every file under a temporary name, then renamed):
 - `per_file.csv`: one row per (method, file), both metric variants, status and comment;
@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.metrics import FileScore, MetricError, results_json, score_file, summarise_groups
-from finetune.ranking import img4ranking_from_kspace
+from challenge.metrics import FileScore, MetricError, results_json, score_file, summarise_groups
+from challenge.ranking import img4ranking_from_kspace
 from finetune.settings import EvalConfig
-from finetune.submission import (
+from challenge.submission import (
     IMG4RANKING_KEY, CaseId, SubmissionError, load_img4ranking, mat_keys, parse_kus_path, parse_reference_path,
 )
 from shards.matfile import MatFileError, read_kspace
@@ -426,7 +426,7 @@ def _first_image(arr: np.ndarray) -> np.ndarray:
 
 def _norm(img: np.ndarray) -> np.ndarray:
     """The scorer's per-image 99.5th-percentile normalisation, for display."""
-    from finetune.metrics import normalize_percentile
+    from challenge.metrics import normalize_percentile
 
     return normalize_percentile(img)
 

@@ -93,7 +93,7 @@ class AdapterSpec:
     contrast: str = "cine"
     """Modality the adapter is for, matched case-insensitively against meta["modality"] ("cine" ~ "Cine")."""
     pattern: str = "ktRadial"
-    """Sampling pattern (shards.masks family) of the retrospective masks it trains on."""
+    """Sampling pattern (challenge.masks family) of the retrospective masks it trains on."""
     rank: int = 8
     """LoRA rank r."""
     alpha: float = 16.0

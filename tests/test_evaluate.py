@@ -13,9 +13,9 @@ import scipy.io
 
 from finetune import evaluate
 from finetune.classical import reconstruct_tree
-from finetune.ranking import img4ranking_from_kspace
+from challenge.ranking import img4ranking_from_kspace
 from finetune.settings import ClassicalConfig, ReconstructConfig
-from finetune.submission import (
+from challenge.submission import (
     SubmissionError, load_img4ranking, mask_path, parse_kus_path, parse_reference_path, save_img4ranking,
     submission_path,
 )

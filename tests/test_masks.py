@@ -1,4 +1,4 @@
-"""shards.masks against the official generators' rules (CMRxRecon2025 TaskAll/*.m, docs §5) and
+"""challenge.masks against the official generators' rules (CMRxRecon2025 TaskAll/*.m, docs §5) and
 against a real 2025 validation mask (NV-Raw2insights-MRI example, cine_lax_4ch_mask_ktRadial16.mat)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from shards.masks import (ACCELERATIONS_2025, PATTERNS_2025, effective_acceleration, make_mask, radial_spokes,
+from challenge.masks import (ACCELERATIONS_2025, PATTERNS_2025, effective_acceleration, make_mask, radial_spokes,
                           zpad_slice)
 
 

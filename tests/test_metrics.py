@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from finetune.metrics import (
+from challenge.metrics import (
     FileScore, MetricError, image_metric_arrays, normalize_percentile, results_json, score_file, summarise_groups,
 )
 

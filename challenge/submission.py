@@ -22,8 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import scipy.io
-
-from shards.matfile import MatFileError, mat_format
+from scipy.io.matlab import matfile_version
 
 KUS_NAME = re.compile(r"^(?P<stem>.+)_kus_(?P<pattern>[A-Za-z]+?)(?P<R>\d+)\.mat$")
 IMG4RANKING_KEY = "img4ranking"
@@ -141,16 +140,35 @@ def save_img4ranking(path: str | os.PathLike, arr: np.ndarray) -> Path:
     return path
 
 
+def mat_version(path: str | os.PathLike) -> str:
+    """"v5" (MAT v5/v7, what the validation scorer reads with scipy), "v7.3" (HDF5 with a MATLAB
+    header) or "hdf5" (plain HDF5, which both scorers' h5py fallback also opens), from the header.
+
+    Raises SubmissionError naming the file for anything else (v4, empty, not a MAT file).
+    """
+    path = Path(path)
+    try:
+        major, _ = matfile_version(str(path))
+    except Exception as exc:  # noqa: BLE001 - missing, empty or foreign file: named
+        if path.is_file() and h5py.is_hdf5(str(path)):
+            return "hdf5"
+        raise SubmissionError(path, f"not a readable MAT file ({exc})") from None
+    if major == 1:
+        return "v5"
+    if major == 2:
+        return "v7.3"
+    raise SubmissionError(path, "MAT v4 file (the scorers read MAT v5/v7 or v7.3 only)")
+
+
 def mat_keys(path: str | os.PathLike) -> list[str]:
     """Variable names in a MAT file (v5 via scipy, v7.3 via h5py) without reading the data."""
     path = Path(path)
+    version = mat_version(path)
     try:
-        if mat_format(path) == "v5":
+        if version == "v5":
             return [name for name, _, _ in scipy.io.whosmat(path)]
         with h5py.File(path, "r") as f:
             return [k for k in f.keys() if not k.startswith("#")]
-    except MatFileError as exc:
-        raise SubmissionError(path, exc.problem) from None
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file, named
         raise SubmissionError(path, f"not a readable MAT file ({exc})") from None
 

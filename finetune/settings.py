@@ -35,6 +35,12 @@ class EvalConfig:
     # True: the official scorer's argument order (submission is the reference in the 4-D branch) and
     # its aggregation quirks; False: ground truth always the reference. Both variants go in per_file.csv.
     challenge_exact: bool = True
+    # Official scorers to reproduce, the first is the primary one (results.json, tables, figures):
+    # "val2025" (validation scorer), "test2025" (test-phase scorer: squeezes both arrays, 5-D branch).
+    scorers: list[str] = field(default_factory=lambda: ["val2025", "test2025"])
+    # The organisers' sheet mapping patients to centers, manufacturers and diseases (.xlsx or .csv,
+    # challenge.grouping); "" groups by folder (Center, Vendor).
+    mapping: str = ""
     # Only this task ("TaskR1", ...); "" scores every task found.
     task: str = ""
     # Number of cases drawn as image / error-map grids.

@@ -123,8 +123,8 @@ def parse_methods(cfg: EvalConfig) -> list[tuple[str, Path]]:
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be unique, got {names}")
     for name, folder in out:
-        if not folder.is_dir():
-            raise ValueError(f"method {name}: reconstruction folder {folder} does not exist")
+        if not folder.is_dir() and not (folder.is_file() and folder.suffix.lower() == ".zip"):
+            raise ValueError(f"method {name}: reconstruction folder (or .zip archive) {folder} does not exist")
     return out
 
 

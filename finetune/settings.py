@@ -4,6 +4,7 @@
 - `ReconstructConfig` -> `python -m finetune.reconstruct` and `python -m finetune.classical`
   (the baselines write the same submission tree as the model, so they share its config)
 - `FinetuneConfig`    -> `python -m finetune.train` (one adapter) and `python -m finetune.bank`
+- `SubmissionConfig`  -> `python -m finetune.submission` (check and pack Submission.zip)
 
 Every field has a default so `launch.cli.load_config(Cls)` works without a file.
 """
@@ -47,6 +48,21 @@ class EvalConfig:
     n_cases: int = 3
     figures: bool = True
     progress: bool = True
+
+
+@dataclass
+class SubmissionConfig:
+    """Check a reconstruction tree and pack it into the archive the organisers accept."""
+
+    # Reconstruction tree (the `out` of finetune.reconstruct / finetune.classical).
+    tree: str = ""
+    # The validation input tree (UnderSample_<Task> kus files): every one must have its reconstruction,
+    # and nothing else may be packed. "" checks the files' format only.
+    input: str = ""
+    # Archive to write; "" = Submission.zip beside the tree. An existing archive is never replaced.
+    out: str = ""
+    # Only check and print the counts; write nothing.
+    check_only: bool = False
 
 
 @dataclass

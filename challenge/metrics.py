@@ -87,6 +87,11 @@ class FileScore:
     def has_nan(self) -> bool:
         return any(math.isnan(v) for v in (self.psnr, self.ssim, self.nmse))
 
+    @property
+    def has_inf(self) -> bool:
+        """An infinite metric other than the PSNR of identical images (+inf)."""
+        return self.psnr == -math.inf or math.isinf(self.ssim) or math.isinf(self.nmse)
+
 
 def official_percentile(image: np.ndarray) -> float:
     """`np.percentile(image, 99.5)` as numpy 1.24 (the official environment) computes it.
@@ -226,6 +231,9 @@ def score_file(
     if score.has_nan:
         notes.append("NaN metric (e.g. an all-zero image): counted as the scorers' pandas sum/mean count it "
                      "(a valid file; 0 in the PSNR/SSIM sums, left out of the NMSE mean)")
+    if score.has_inf:
+        notes.append("infinite metric (e.g. an all-zero submission taken as the reference by the 4-D branch): "
+                     "it propagates into the group sums and the headline as the scorers' pandas sums do")
     if notes:
         score = FileScore(score.psnr, score.ssim, score.nmse, score.n_images, None, "; ".join(notes))
     return score
@@ -329,6 +337,7 @@ def results_json(
     expected: Mapping[Group, int],
     challenge_exact: bool = True,
     summary_name: str = "centers",
+    total: int | None = None,
 ) -> dict[str, object]:
     """The organisers' `Result/results.json` content for one task.
 
@@ -336,7 +345,9 @@ def results_json(
     `<group>_Num`, `_PSNR_adj`, `_SSIM_adj`, `_NMSE_adj`, then `Mean_of_all_<summary_name>_{PSNR,SSIM,
     NMSE}_adj` ("centers" for TaskR1, "diseases" for the others). Values are rounded to 4 decimals in
     challenge-exact mode, as the scorers do; a NaN group value makes the mean NaN there (Python's sum),
-    and no group at all gives NaN where the scorers stop with ZeroDivisionError.
+    and no group at all gives NaN where the scorers stop with ZeroDivisionError. `total`: reference files
+    of the task (the `Num_Files` denominator; default the sum of `expected`, which counts a file twice
+    when its patient has two diseases).
     """
     scores = list(scores)
     groups = summarise_groups(scores, expected, challenge_exact)
@@ -344,7 +355,7 @@ def results_json(
     n_valid = sum(1 for _, s in scores if s.valid)
     out: dict[str, object] = {
         "submission_status": "SCORED",
-        "Num_Files": f"{n_valid}/{int(sum(expected.values()))}",
+        "Num_Files": f"{n_valid}/{int(sum(expected.values())) if total is None else total}",
     }
     means: dict[str, list[float]] = {"PSNR": [], "SSIM": [], "NMSE": []}
     for g in groups:

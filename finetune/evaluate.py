@@ -67,7 +67,8 @@ from shards.matfile import MatFileError, read_kspace
 MatchKey = tuple[str, str, str, str, str, str, str]
 STATUS_OK = "ok"
 STATUS_NAN = "nan_metric"  # a valid file whose metric is NaN: counted as the scorers' pandas count it
-SCORED = (STATUS_OK, STATUS_NAN, "shape_mismatch", "error")
+STATUS_INF = "inf_metric"  # a valid file with an infinite metric (other than identical images' PSNR)
+SCORED = (STATUS_OK, STATUS_NAN, STATUS_INF, "shape_mismatch", "error")
 CLEAN = "clean"
 EXTRA_NOTE = "the official validation scorer stops with RuntimeError('Extra file submitted')"
 
@@ -198,7 +199,7 @@ def _score_variant(recon: np.ndarray, ref: np.ndarray, name: str, variant: str) 
 
 def _status(score: FileScore) -> str:
     if score.valid:
-        return STATUS_NAN if score.has_nan else STATUS_OK
+        return STATUS_NAN if score.has_nan else STATUS_INF if score.has_inf else STATUS_OK
     return "shape_mismatch" if (score.comment or "").startswith("Shape mismatch") else "error"
 
 
@@ -246,6 +247,7 @@ def _evaluate(cfg: EvalConfig, stack: ExitStack) -> Evaluation:
     if not refs:
         raise ValueError(f"no FullSample_<Task>/<Center>/<Vendor>/P###/*.mat files under {cfg.reference}")
     tasks = sorted({case.task for case, _ in refs.values()})
+    n_refs = {t: sum(1 for case, _ in refs.values() if case.task == t) for t in tasks}
     for task in tasks:
         if task != "TaskR1" and not gmap.has_sheet(task):
             print(f"[evaluate] {task}: no mapping sheet, grouped by folder (Center, Vendor); the organisers "
@@ -339,7 +341,7 @@ def _evaluate(cfg: EvalConfig, stack: ExitStack) -> Evaluation:
                         r.groups = groups
                 summary = gmap.summary_name(task)
                 results.setdefault(name, {}).setdefault(task, {})[v] = results_json(
-                    scored, counts, v != CLEAN, summary)
+                    scored, counts, v != CLEAN, summary, total=n_refs[task])
                 gone = missing_groups(scored, counts)
                 if gone:
                     dropped[(name, task, v)] = gone

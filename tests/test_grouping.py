@@ -130,3 +130,21 @@ def test_diseases_missing_group_and_nan_files_end_to_end(tmp_path: Path, capsys:
     assert any(p["kind"] == "missing_group" and "Amyloidosis" in p["message"] for p in problems)
     assert ("missing", "P012") in {(p["kind"], Path(p["path"]).parent.name) for p in problems}
     del kinds
+
+
+def test_the_validation_scorers_vendor_rename(tmp_path: Path) -> None:
+    """Val_Score2025.py renames TaskR2 Mapping Center004/UIH_30T_umr780 to UIH_15T_umr680 before
+    pairing; the test scorer does not, so for it the file is missing."""
+    rng = np.random.default_rng(2)
+    gt = (rng.gamma(2.0, 1.0, (16, 18, 2, 9)) * 40).astype(np.float32)
+    d = "TaskR2/MultiCoil/Mapping/ValidationSet"
+    save_img4ranking(tmp_path / "gt" / d / "FullSample_TaskR2/Center004/UIH_15T_umr680/P001/T1map.mat", gt)
+    save_img4ranking(tmp_path / "rec" / d / "UnderSample_TaskR2/Center004/UIH_30T_umr780/P001/T1map_kus_Uniform8.mat",
+                     gt + rng.standard_normal(gt.shape).astype(np.float32))
+    ev = evaluate.evaluate(evaluate.EvalConfig(recon=str(tmp_path / "rec"), reference=str(tmp_path / "gt"),
+                                               out=str(tmp_path / "eval"), figures=False, progress=False))
+    (row,) = ev.rows
+    assert row.case.vendor == "UIH_15T_umr680" and row.status == "ok"
+    assert row.scores["val2025"].valid and not row.scores["test2025"].valid
+    res = ev.results["cmrfm"]["TaskR2"]
+    assert res["val2025"]["Num_Files"] == "1/1" and res["test2025"]["Num_Files"] == "0/1"

@@ -51,7 +51,7 @@ from models.recon import ReconModel
 from models.sizes import build_model
 from pretrain.checkpoint import BACKBONE, MODEL_CONFIG, load_backbone
 from shards.loader import make_loader, resolve_shards
-from shards.masks import PATTERNS_2025
+from challenge.masks import PATTERNS_2025
 
 
 #: adapter.contrast / adapter.pattern value meaning "every contrast" / "every 2025 pattern": a full model

@@ -62,7 +62,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.masks import ACCELERATIONS_2025, PATTERNS_2025, make_mask
+from challenge.masks import ACCELERATIONS_2025, PATTERNS_2025, make_mask
 from shards.mix import MixPlan, MixSource, plan_mix
 from shards.normalise import kspace_scale
 from shards.sample import META_MEMBER, Sample

@@ -10,12 +10,13 @@ is reconstructed by exactly one rank, with the same code and the same batches as
 so the output tree does not depend on the number of ranks.
 
 Progress journal. After a rank has renamed an output into place it appends one JSON line (the
-file's outcome and the run's fingerprint) to its own file in `<out parent>/.<out name>.journal/`
-and fsyncs it. A rerun with the same fingerprint (the configuration fields that change outputs,
-and the backbone and adapter files' sizes and times) treats a journalled input whose output exists
-as done: a rank that died leaves its finished files and the journal lines for them; the rerun does
-the rest. A line cut by a kill does not parse and its input is simply redone. When the whole tree is
-written, rank 0 removes the journal (a folder of this tool's own name, holding only its files).
+file's outcome, the input file's size and time, and the run's fingerprint) to its own file in
+`<out parent>/.<out name>.journal/` and fsyncs it. A rerun with the same fingerprint (the
+configuration fields that change outputs, and the backbone and adapter files' sizes and times)
+treats a journalled input whose output exists and whose file is unchanged as done: a rank that died
+leaves its finished files and the journal lines for them; the rerun does the rest. A line cut by a kill does not parse and its input is simply redone. When every input was
+written, rank 0 removes the journal (a folder of this tool's own name, holding only its files); when
+some failed it stays, so that a rerun redoes only those.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class Journal:
         self.file = self.folder / f"rank{rank}-of-{world}.jsonl"
 
     def done(self) -> dict[str, dict[str, Any]]:
-        """input path -> outcome of every input journalled by a run with this fingerprint."""
+        """input path -> outcome of every input journalled by a run with this fingerprint, whose input
+        file has not changed since (size and modification time)."""
         out: dict[str, dict[str, Any]] = {}
         if not self.folder.is_dir():
             return out
@@ -75,7 +77,8 @@ class Journal:
                     entry = json.loads(line)
                 except ValueError:
                     continue                      # a line cut by a kill: that input is redone
-                if isinstance(entry, dict) and entry.get("fingerprint") == self.fingerprint:
+                if isinstance(entry, dict) and entry.get("fingerprint") == self.fingerprint \
+                        and entry.get("input") == _stat(entry["outcome"]["path"]):
                     out[entry["outcome"]["path"]] = entry["outcome"]
         return out
 
@@ -83,7 +86,8 @@ class Journal:
         """Append one finished input (its output already renamed into place), durably."""
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.file, "a") as f:
-            f.write(json.dumps({"fingerprint": self.fingerprint, "outcome": outcome}) + "\n")
+            f.write(json.dumps({"fingerprint": self.fingerprint, "input": _stat(outcome["path"]),
+                                "outcome": outcome}) + "\n")
             f.flush()
             os.fsync(f.fileno())
 

@@ -386,8 +386,11 @@ def reconstruct_tree(cfg: ReconstructConfig, log: Callable[[str], None] | None =
         tmp = out / "reconstruct_report.json.tmp"
         tmp.write_text(json.dumps(report, indent=2) + "\n")
         os.replace(tmp, out / "reconstruct_report.json")
-        if report["written"] + len(report["errors"]) == len(inputs):
+        if not report["errors"]:
             journal.remove()
+        else:
+            log(f"kept the progress journal {journal.folder}: rerunning the same command redoes only the "
+                f"{len(report['errors'])} file(s) that failed")
         log(f"wrote {report['written']}/{report['files']} files to {out} ({new_slices} slices on {world} rank(s), "
             f"{new_slices / max(wall, 1e-9):.2f} slices/s in total); {len(report['errors'])} error(s)")
     if world > 1:

@@ -127,3 +127,25 @@ def test_share_is_deterministic_balanced_and_complete(tmp_path: Path) -> None:
     loads = sorted(sum(p.stat().st_size for p in part) for part in parts)
     # largest first, each to the least loaded rank (ties: lower rank): 50+10 | 40+10+5 | 30+20
     assert loads == [50, 55, 60]
+
+
+def test_journal_trusts_only_its_own_run_and_unchanged_inputs(tmp_path: Path) -> None:
+    from finetune.rank_share import Journal
+
+    inputs = []
+    for name in ("a", "b", "c"):
+        p = tmp_path / f"{name}.mat"
+        p.write_bytes(name.encode() * 10)
+        inputs.append(p)
+    out = tmp_path / "recon"
+    writer = Journal(out, "fp1", 0, 2)
+    for p in inputs:
+        writer.record({"path": str(p), "slices": 1})
+    with open(writer.file, "a") as f:
+        f.write('{"fingerprint": "fp1", "outcome": {"pa')          # a line cut by a kill
+    assert set(Journal(out, "fp1", 1, 2).done()) == {str(p) for p in inputs}   # any rank reads every file
+    assert Journal(out, "fp2", 0, 2).done() == {}                               # another configuration
+    inputs[1].write_bytes(b"changed input, other size")
+    assert set(Journal(out, "fp1", 0, 1).done()) == {str(inputs[0]), str(inputs[2])}
+    Journal(out, "fp1", 0, 1).remove()
+    assert not (tmp_path / ".recon.journal").exists()

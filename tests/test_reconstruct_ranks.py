@@ -74,6 +74,7 @@ def test_two_ranks_write_the_same_bytes_as_one_process(synthetic_root: Path, tin
     assert not (tmp_path / ".recon.journal").exists()                  # complete: journal removed
 
 
+@pytest.mark.slow
 def test_a_killed_rank_leaves_complete_files_and_a_rerun_finishes(synthetic_root: Path, tiny_backbone: Path, single,
                                                                  tmp_path: Path) -> None:
     one, _ = single

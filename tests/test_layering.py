@@ -1,6 +1,6 @@
 """Imports flow one way, as the data does (docs/style.md §11.2), checked with `ast`.
 
-    launch.cli  : stdlib + tomli_w
+    launch.cli, launch.outputs, launch.trees : stdlib (+ tomli_w)
     shards      -> launch.cli                          never models / pretrain / finetune / deepspeed / torch.distributed
     models      -> torch, timm, einops, numpy          never shards / pretrain / finetune / deepspeed / torch.distributed
     pretrain    -> shards, models, launch.cli          only pretrain/engine.py imports deepspeed
@@ -17,6 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = {"shards", "models", "pretrain", "finetune", "launch"}
+SHARED = {"cli.py", "outputs.py", "trees.py"}   # launch/ modules every stage may import
+_SHARED_MODULES = {"launch.cli", "launch.outputs", "launch.trees"}
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
@@ -43,9 +45,9 @@ def forbidden(package: str, file: Path, module: str) -> str | None:
     top = module.split(".")[0]
     if top in {"pickle", "dill", "cloudpickle", "_pickle"}:
         return "pickle is not allowed anywhere (data and weights are .npy/.json/safetensors)"
-    if package == "launch" and file.name == "cli.py":
+    if package == "launch" and file.name in SHARED:
         if top not in sys.stdlib_module_names and top not in {"tomli_w", "__future__"}:
-            return "launch/cli.py is stdlib-only so that every stage can import it"
+            return f"launch/{file.name} is stdlib-only so that every stage can import it"
     if package in {"shards", "models", "finetune"} and top == "deepspeed":
         return f"{package}/ must not import deepspeed (only pretrain/engine.py does)"
     if package in {"shards", "models"} and (module == "torch.distributed" or module.startswith("torch.distributed.")):
@@ -55,10 +57,10 @@ def forbidden(package: str, file: Path, module: str) -> str | None:
     if top in PROJECT and top != package:
         allowed = {
             "launch": set(),
-            "shards": {"launch.cli"},
+            "shards": _SHARED_MODULES,
             "models": set(),
-            "pretrain": {"shards", "models", "launch.cli"},
-            "finetune": {"shards", "models", "pretrain.checkpoint", "launch.cli"},
+            "pretrain": {"shards", "models"} | _SHARED_MODULES,
+            "finetune": {"shards", "models", "pretrain.checkpoint"} | _SHARED_MODULES,
         }[package]
         if not any(module == a or module.startswith(a + ".") for a in allowed):
             return f"{package}/ may import only {sorted(allowed) or 'no other project package'}"

@@ -19,7 +19,9 @@ Writes under `out` (every file under a temporary name, then renamed):
   (image grid: each method, the reference, and error maps);
 - `eval_config.toml`: the resolved config.
 
-Bad input never stops the run: a reference file with no reconstruction counts 0 and is listed; an extra
+Bad input never stops the run: a reference file with no reconstruction counts 0 and is listed; a file
+off the layout's depth (a tree nested inside the submission, e.g. `<out>/_zero_filled`) or a second
+file for a case already found is refused: named in problems.csv, never scored, exit status 3; an extra
 reconstruction (no reference) is listed (in challenge-exact mode with the note that the official
 validation scorer stops on it); a shape mismatch scores NaN and counts 0; an unreadable file is named.
 """
@@ -45,6 +47,8 @@ from finetune.settings import EvalConfig
 from finetune.submission import (
     IMG4RANKING_KEY, CaseId, SubmissionError, load_img4ranking, mat_keys, parse_kus_path, parse_reference_path,
 )
+from launch.outputs import EXIT_SKIPPED
+from launch.trees import find_files
 from shards.matfile import MatFileError, read_kspace
 
 MatchKey = tuple[str, str, str, str, str, str, str]
@@ -99,10 +103,11 @@ def parse_methods(cfg: EvalConfig) -> list[tuple[str, Path]]:
 def index_reference(
     root: Path, task: str = ""
 ) -> tuple[dict[MatchKey, tuple[CaseId, Path]], list[SubmissionError]]:
-    """Reference files under `root` (any depth) in FullSample_<Task> folders, keyed for matching."""
+    """Reference files under `root` (any depth, symlinked folders followed) in FullSample_<Task> folders."""
     refs: dict[MatchKey, tuple[CaseId, Path]] = {}
-    problems: list[SubmissionError] = []
-    for path in sorted(root.rglob("*.mat")):
+    files, skipped = find_files(root, "*.mat")
+    problems: list[SubmissionError] = [SubmissionError(s.partition(": ")[0], s.partition(": ")[2]) for s in skipped]
+    for path in files:
         if len(path.parts) < 5 or not path.parts[-5].startswith("FullSample_"):
             continue
         try:
@@ -116,11 +121,26 @@ def index_reference(
     return refs, problems
 
 
+#: parts of a submission file's path below the submission root:
+#: <Task>/MultiCoil/<Modality>/<Set>/UnderSample_<Task>/<Center>/<Vendor>/P###/<file>_kus_<Pattern><R>.mat
+LAYOUT_DEPTH = 9
+
+
 def index_recon(root: Path, task: str = "") -> tuple[list[tuple[CaseId, Path]], list[SubmissionError]]:
-    """Reconstruction files `*_kus_*.mat` under `root` (any depth), with the paths that do not parse."""
+    """Reconstruction files `*_kus_*.mat` exactly at the submission layout's depth below `root`, with
+    the files refused: a path that does not parse, a file deeper or shallower than the layout (another
+    tree nested inside this one, e.g. a baseline written to `<out>/_zero_filled`), and a second file
+    for a case already found. Refused files are named and never scored: each case counts once."""
     found: list[tuple[CaseId, Path]] = []
-    problems: list[SubmissionError] = []
-    for path in sorted(root.rglob("*_kus_*.mat")):
+    files, skipped = find_files(root, "*_kus_*.mat")
+    problems: list[SubmissionError] = [SubmissionError(s.partition(": ")[0], s.partition(": ")[2]) for s in skipped]
+    first: dict[MatchKey, Path] = {}
+    for path in files:
+        depth = len(path.relative_to(root).parts)
+        if depth != LAYOUT_DEPTH:
+            problems.append(SubmissionError(path, f"unexpected file: {depth} levels below {root}, the submission layout "
+                                                  f"has {LAYOUT_DEPTH} (a tree nested inside this one?); not scored"))
+            continue
         try:
             case = parse_kus_path(path)
         except SubmissionError as exc:
@@ -128,6 +148,11 @@ def index_recon(root: Path, task: str = "") -> tuple[list[tuple[CaseId, Path]], 
             continue
         if task and case.task != task:
             continue
+        if case.match_key in first:
+            problems.append(SubmissionError(path, f"duplicate: {first[case.match_key]} is already the reconstruction "
+                                                  f"of this case; not scored"))
+            continue
+        first[case.match_key] = path
         found.append((case, path))
     return found, problems
 
@@ -460,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[evaluate] {method} {task} ({variant}): {summary}")
     n_bad = sum(r.status != STATUS_OK for r in ev.rows)
     print(f"[evaluate] tables, results.json and figures in {cfg.out} ({n_bad} problem row(s), see problems.csv)")
-    return 0
+    # unreadable, unexpected or duplicate files: the scores stand, but a script must be able to tell
+    return EXIT_SKIPPED if any(r.status == "error" for r in ev.rows) else 0
 
 
 if __name__ == "__main__":

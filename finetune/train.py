@@ -50,6 +50,7 @@ from models.sizes import build_model
 from launch.outputs import FolderLock, publish_dir, remove_stale_staging, staging_path, write_atomic
 from pretrain.checkpoint import MODEL_CONFIG, discard_incomplete, load_backbone, lock_dir, write_backbone
 from shards.loader import make_loader, resolve_shards
+from shards.sample import member_key
 
 
 def adapter_name(contrast: str, pattern: str) -> str:
@@ -111,13 +112,22 @@ def sample_filter(cfg: FinetuneConfig) -> Callable[[dict], bool]:
 
 
 def shard_metas(shards: str, split: str) -> list[dict]:
-    """meta.json of every sample in the shards (the k-space members are skipped, not decoded)."""
+    """meta.json of every sample in the shards (the k-space members are skipped, not decoded).
+
+    A shard that cannot be read (truncated, damaged) is named in a warning and skipped, as the loader
+    skips it; only members named like a converted sample (`<key>.meta.json`, no path) count.
+    """
     metas = []
     for url in resolve_shards(shards, split):
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if member.name.endswith(".meta.json"):
-                    metas.append(json.load(tar.extractfile(member)))
+        try:
+            with tarfile.open(url) as tar:
+                for member in tar:
+                    named = member_key(member.name)
+                    if member.isreg() and named is not None and named[1] == "meta.json":
+                        metas.append(json.load(tar.extractfile(member)))
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            print(f"[finetune] skipping shard {url}: unreadable ({type(exc).__name__}: {exc}); its samples are "
+                  f"not counted (the loader skips it too)", file=sys.stderr)
     return metas
 
 

@@ -65,6 +65,15 @@ def sample_key(year: int | None, split: str, task: str, set_: str, center: str, 
     return "__".join(_UNSAFE.sub("-", p) for p in parts) + f"__s{slice_:03d}"
 
 
+def member_key(name: str) -> tuple[str, str] | None:
+    """(key, member) of a tar member name `<key>.<member>`, or None for a name no converter writes:
+    a path (`/`, `..`), an empty key, or a key with characters `sample_key` never produces."""
+    key, dot, member = name.partition(".")
+    if not dot or not key or "/" in name or "\\" in name or _UNSAFE.search(key):
+        return None
+    return key, member
+
+
 def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)

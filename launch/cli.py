@@ -147,6 +147,23 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return clean(dataclasses.asdict(cfg))
 
 
+def config_differences(recorded: dict[str, Any], wanted: dict[str, Any], ignore: tuple[str, ...] = (),
+                       prefix: str = "") -> list[str]:
+    """'key: recorded -> wanted' for every (dotted) key whose value differs; keys in `ignore` (dotted)
+    are skipped. Used before reusing an output: reuse only what the same config made."""
+    out = []
+    for key in sorted(set(recorded) | set(wanted)):
+        dotted = f"{prefix}{key}"
+        if dotted in ignore:
+            continue
+        a, b = recorded.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, ignore, dotted + ".")
+        elif a != b:
+            out.append(f"{dotted}: {a!r} -> {b!r}")
+    return out
+
+
 def dump_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as TOML (temporary name, then rename) and return the path."""
     path = Path(path)

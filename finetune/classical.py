@@ -1,7 +1,7 @@
 """Classical reconstructions a user would otherwise reach for: zero-filled RSS, ESPIRiT + CG-SENSE,
 ESPIRiT + L1-wavelet compressed sensing (sigpy), per 2-D frame.
 
-Conventions (design.md): k-space (T, C, Y, X) complex64, mask (T, Y, X) float32 {0, 1}, centred
+Conventions (docs/design.md §2): k-space (T, C, Y, X) complex64, mask (T, Y, X) float32 {0, 1}, centred
 orthonormal FFT `fftshift(fft2(ifftshift(.)))`. sigpy's `sp.fft/sp.ifft` use exactly that centring
 (ifftshift -> fft -> fftshift, "ortho"), odd sizes included (checked in tests/test_classical.py), so
 its operators are used as they are.

@@ -38,7 +38,7 @@ ARRAY_MEMBERS: dict[str, tuple[np.dtype, int]] = {
 META_MEMBER = "meta.json"
 MEMBERS = (*ARRAY_MEMBERS, META_MEMBER)
 
-#: keys every meta.json carries (docs: design.md "Data conventions").
+#: keys every meta.json carries (docs/design.md §2, "Data conventions").
 META_KEYS = (
     "key", "year", "split", "task", "set", "center", "scanner", "vendor", "field_T", "model", "patient",
     "modality", "file", "view", "slice", "nz", "shape", "pattern", "R", "source", "scale",

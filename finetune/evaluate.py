@@ -47,7 +47,7 @@ from finetune.settings import EvalConfig
 from finetune.submission import (
     IMG4RANKING_KEY, CaseId, SubmissionError, load_img4ranking, mat_keys, parse_kus_path, parse_reference_path,
 )
-from launch.outputs import EXIT_SKIPPED
+from launch.outputs import EXIT_SKIPPED, write_atomic
 from launch.trees import find_files
 from shards.matfile import MatFileError, read_kspace
 
@@ -273,11 +273,7 @@ def _fill_pattern(rows: list[FileResult]) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, data)
 
 
 def _write_csv(path: Path, header: list[str], rows: Iterable[list[object]]) -> Path:
@@ -461,6 +457,11 @@ def run(cfg: EvalConfig) -> Evaluation:
     from launch.cli import dump_config
 
     out = Path(cfg.out)
+    trees = [folder for _, folder in parse_methods(cfg)] + ([Path(cfg.reference)] if cfg.reference else [])
+    for tree in trees:   # tables inside a submission tree would be extra files in the submission
+        if out.resolve() == tree.resolve() or tree.resolve() in out.resolve().parents:
+            raise ValueError(f"out {out} is inside the tree {tree}: evaluation outputs would become extra files "
+                             f"there; choose a folder outside it")
     dump_config(cfg, out / "eval_config.toml")
     ev = evaluate(cfg)
     write_tables(ev, out, cfg.challenge_exact)

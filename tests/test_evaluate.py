@@ -252,3 +252,6 @@ def test_nested_trees_and_duplicates_are_refused_not_counted(tmp_path: Path) -> 
     nested = [p for p in problems if "_zero_filled" in p["path"]]
     assert len(nested) == n and all("unexpected file" in p["message"] for p in nested)
     assert any("duplicate" in p["message"] and "cine_sax_kus_ktRadial16" in p["path"] for p in problems)
+    inside = evaluate.main(["--set", f"recon={rs}", "--set", f"reference={root}", "--set", f"out={rs}/eval",
+                            "--set", "progress=false", "--set", "figures=false"])
+    assert inside == 2 and not (rs / "eval").exists()          # tables would be extra files in the submission

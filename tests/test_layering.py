@@ -46,7 +46,8 @@ def forbidden(package: str, file: Path, module: str) -> str | None:
     if top in {"pickle", "dill", "cloudpickle", "_pickle"}:
         return "pickle is not allowed anywhere (data and weights are .npy/.json/safetensors)"
     if package == "launch" and file.name in SHARED:
-        if top not in sys.stdlib_module_names and top not in {"tomli_w", "__future__"}:
+        if top not in sys.stdlib_module_names and top not in {"tomli_w", "__future__"} \
+                and not any(module == m or module.startswith(m + ".") for m in _SHARED_MODULES):
             return f"launch/{file.name} is stdlib-only so that every stage can import it"
     if package in {"shards", "models", "finetune"} and top == "deepspeed":
         return f"{package}/ must not import deepspeed (only pretrain/engine.py does)"

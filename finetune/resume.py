@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from launch.outputs import fsync_tree, write_atomic
+from launch.outputs import write_atomic
 from pretrain.checkpoint import (
     LATEST, TAG_PATTERN, commit_tag, new_owner, staging_dir, tag_for, tag_owner,
 )
@@ -70,8 +70,7 @@ def save_state(state_dir: str | os.PathLike, step: int, model: torch.nn.Module, 
     _save_tensors(tag_dir / f"rank{rank:05d}.safetensors", {"torch_rng": torch.get_rng_state()})
     rank_state = {"step": step, "loader": loader_state}
     write_atomic(tag_dir / f"rank{rank:05d}.json", lambda p: p.write_text(json.dumps(rank_state)))
-    fsync_tree(tag_dir)
-    barrier()
+    barrier()   # every file above went through write_atomic (fsynced) before the commit
     if rank == 0:
         commit_tag(root, tag_for(step), owner, {"step": step}, keep)
     barrier()

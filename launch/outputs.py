@@ -80,10 +80,18 @@ def fsync_file(path: str | os.PathLike) -> None:
 
 
 def fsync_tree(root: str | os.PathLike) -> None:
-    """fsync every file and folder under `root` (before it is published by a rename)."""
+    """fsync every file and folder under `root` (before it is published by a rename).
+
+    A file that vanishes during the walk is another writer's temporary file, renamed meanwhile (ranks
+    write one checkpoint folder together): its writer fsyncs it, and the rename is caught by the
+    folder's fsync.
+    """
     for folder, dirs, files in os.walk(root):
         for name in files:
-            fsync_file(os.path.join(folder, name))
+            try:
+                fsync_file(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
         fsync_dir(folder)
 
 

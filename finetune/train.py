@@ -50,7 +50,13 @@ from models.sizes import build_model
 from launch.outputs import FolderLock, publish_dir, remove_stale_staging, staging_path, write_atomic
 from pretrain.checkpoint import MODEL_CONFIG, discard_incomplete, load_backbone, lock_dir, write_backbone
 from shards.loader import make_loader, resolve_shards
+from shards.masks import PATTERNS_2025
 from shards.sample import member_key
+
+
+#: adapter.contrast / adapter.pattern value meaning "every contrast" / "every 2025 pattern": a full model
+#: trained on all of them (run.full_finetune or run.from_scratch), e.g. the shipped demo backbone.
+ALL = "all"
 
 
 def adapter_name(contrast: str, pattern: str) -> str:
@@ -74,6 +80,10 @@ def build_trainable(cfg: FinetuneConfig, device: torch.device) -> ReconModel:
     """
     if cfg.run.full_finetune and cfg.run.from_scratch:
         raise ValueError("run.full_finetune and run.from_scratch exclude each other")
+    if ALL in (cfg.adapter.contrast.strip().lower(), cfg.adapter.pattern.strip().lower()) and not (
+            cfg.run.full_finetune or cfg.run.from_scratch):
+        raise ValueError(f"adapter.contrast/pattern = {ALL!r} trains one full model on everything: it needs "
+                         "run.full_finetune or run.from_scratch (an adapter belongs to one contrast and pattern)")
     if cfg.run.from_scratch:
         torch.manual_seed(cfg.run.seed)
         source = Path(cfg.run.backbone)
@@ -100,13 +110,14 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def sample_filter(cfg: FinetuneConfig) -> Callable[[dict], bool]:
-    """meta -> whether this run trains on the sample: its contrast, not a held-out center/scanner."""
+    """meta -> whether this run trains on the sample: its contrast (any for contrast "all"), not a
+    held-out center/scanner."""
     contrast = cfg.adapter.contrast.strip().lower()
     centers, scanners = set(cfg.run.exclude_centers), set(cfg.run.exclude_scanners)
 
     def keep(meta: dict) -> bool:
-        return (str(meta.get("modality", "")).lower() == contrast and meta.get("center") not in centers
-                and meta.get("scanner") not in scanners)
+        return ((contrast == ALL or str(meta.get("modality", "")).lower() == contrast)
+                and meta.get("center") not in centers and meta.get("scanner") not in scanners)
 
     return keep
 
@@ -265,7 +276,8 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> TrainR
     params = trainable_parameters(model)
     n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    data_cfg = dataclasses.replace(cfg.data, patterns=[cfg.adapter.pattern], mode="train")
+    patterns = list(PATTERNS_2025) if cfg.adapter.pattern.strip().lower() == ALL else [cfg.adapter.pattern]
+    data_cfg = dataclasses.replace(cfg.data, patterns=patterns, mode="train")
     loader = make_loader(data_cfg, rank, world)
     start = 0
     if main:   # one owner per run folder; only a dead writer's *.incomplete states are removed

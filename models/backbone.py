@@ -24,6 +24,13 @@ without checkpointing. Patch 16 would quarter the tokens but a 16x16x2 = 512-val
 token loses fine detail; patch 8 is the compromise. Longer windows (all 12 frames) would need
 factorised attention; the loader's 3-frame window does not.
 
+Locality (`conv_channels` > 0): a plain ViT at patch 8 sees each 8 x 8 patch only through one linear
+map, so fine edges and the pixel-level noise texture are hard for it. A small convolutional stem (two
+3 x 3 convolutions per frame) turns the image into `conv_channels` feature maps before patchify, and a
+convolutional head after unpatchify refines the transformer's output at full resolution with the
+stem's features added back (a one-level U-Net around the transformer, as hybrid CNN-transformer
+reconstruction models do). The transformer still carries the global, space-time context.
+
 dtype: parameters may be bf16 (DeepSpeed on GPU). The real input is cast to the parameter dtype at
 entry and the output back to float32 at exit; everything outside the backbone (FFTs, data
 consistency) stays float32/complex64.
@@ -81,21 +88,29 @@ class Backbone(nn.Module):
         patch: square patch size p in pixels.
         checkpointing: recompute each block in the backward pass (torch.utils.checkpoint,
             use_reentrant=False): activations of one block instead of all of them.
+        conv_channels: width of the convolutional stem and head (0: plain linear patch embedding and
+            head, as a ViT).
         device, dtype: passed to every parameter (meta-device builds, deepspeed.zero.Init).
     """
 
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, patch: int = 8,
-                 checkpointing: bool = False, device=None, dtype=None) -> None:
+                 checkpointing: bool = False, conv_channels: int = 0, device=None, dtype=None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if dim % heads or dim % 2:
             raise ValueError(f"backbone dim {dim} must be even and divisible by heads {heads}")
         self.dim, self.patch, self.checkpointing = dim, patch, checkpointing
-        self.patch_embed = nn.Linear(patch * patch * 2, dim, **dd)
+        c = conv_channels or 2  # values per pixel that patchify sees
+        self.stem = nn.Sequential(nn.Conv2d(2, c, 3, padding=1, **dd), nn.GELU(),
+                                  nn.Conv2d(c, c, 3, padding=1, **dd)) if conv_channels else None
+        self.conv_head = nn.Sequential(nn.GELU(), nn.Conv2d(c, c, 3, padding=1, **dd), nn.GELU(),
+                                       nn.Conv2d(c, 2, 3, padding=1, **dd)) if conv_channels else None
+        self.channels = c
+        self.patch_embed = nn.Linear(patch * patch * c, dim, **dd)
         self.blocks = nn.ModuleList(
             Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, **dd) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, **dd)
-        self.head = nn.Linear(dim, patch * patch * 2, **dd)
+        self.head = nn.Linear(dim, patch * patch * c, **dd)
         # the update starts small, so an untrained cascade is close to "zero-filled + data consistency";
         # a parameter of this module (not a child's) so the value survives deepspeed.zero.Init
         self.gain = nn.Parameter(torch.full((1,), 0.1, **dd))
@@ -110,9 +125,12 @@ class Backbone(nn.Module):
         x = (x - mean) / std
 
         h, w = math.ceil(ny / p), math.ceil(nx / p)
-        padded = F.pad(x, (0, 0, 0, w * p - nx, 0, h * p - ny))  # (B, T, h*p, w*p, 2)
-        tokens = rearrange(padded, "b t (h p1) (w p2) c -> b (t h w) (p1 p2 c)", p1=p, p2=p)
         dtype = self.patch_embed.weight.dtype
+        feats = rearrange(x, "b t y x c -> b t c y x")  # (B, T, 2, Y, X)
+        if self.stem is not None:  # per-frame convolutions: (B, T, C', Y, X)
+            feats = self.stem(feats.flatten(0, 1).to(dtype)).unflatten(0, (b, t))
+        padded = F.pad(feats, (0, w * p - nx, 0, h * p - ny))  # (B, T, C', h*p, w*p)
+        tokens = rearrange(padded, "b t c (h p1) (w p2) -> b (t h w) (p1 p2 c)", p1=p, p2=p)
         tokens = self.patch_embed(tokens.to(dtype))  # (B, T*h*w, D)
         tokens = tokens + space_time_positions(t, h, w, self.dim, tokens.device).to(dtype)
         k = cond.shape[1]
@@ -124,7 +142,11 @@ class Backbone(nn.Module):
             else:
                 tokens = block(tokens)
 
-        delta = self.head(self.norm(tokens[:, k:])).float() * self.gain.float()  # (B, T*h*w, p*p*2)
-        delta = rearrange(delta, "b (t h w) (p1 p2 c) -> b t (h p1) (w p2) c", t=t, h=h, w=w, p1=p, p2=p)
-        x = (x + delta[:, :, :ny, :nx]) * std + mean  # crop the padding, undo the normalisation
+        delta = self.head(self.norm(tokens[:, k:]))  # (B, T*h*w, p*p*C')
+        delta = rearrange(delta, "b (t h w) (p1 p2 c) -> b t c (h p1) (w p2)", t=t, h=h, w=w, p1=p, p2=p)
+        delta = delta[..., :ny, :nx]  # crop the padding: (B, T, C', Y, X)
+        if self.conv_head is not None:  # full-resolution refinement with the stem's features added back
+            delta = self.conv_head((delta + feats).flatten(0, 1)).unflatten(0, (b, t))
+        delta = rearrange(delta.float(), "b t c y x -> b t y x c") * self.gain.float()
+        x = (x + delta) * std + mean  # undo the normalisation
         return torch.view_as_complex(x.contiguous())

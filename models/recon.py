@@ -38,7 +38,8 @@ class Cascade(nn.Module):
     def __init__(self, cfg: "ModelConfig", device=None, dtype=None) -> None:
         super().__init__()
         self.backbone = Backbone(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.patch,
-                                 checkpointing=cfg.activation_checkpointing, device=device, dtype=dtype)
+                                 checkpointing=cfg.activation_checkpointing, conv_channels=cfg.conv_channels,
+                                 device=device, dtype=dtype)
         self.dc = DataConsistency(cfg.dc_mode, device=device, dtype=dtype)
 
     def forward(self, image: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor, sens: torch.Tensor,

@@ -52,6 +52,8 @@ class ModelConfig:
     """Width of the coil-sensitivity refinement CNN."""
     sens_layers: int | None = None
     """Convolutions in the coil-sensitivity refinement CNN (>= 2)."""
+    conv_channels: int | None = None
+    """Width of the backbone's convolutional stem and head (0: a plain ViT patch embedding and head)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (saves activation memory)."""
 
@@ -59,16 +61,16 @@ class ModelConfig:
 SIZES: dict[str, ModelConfig] = {
     # ~0.3M parameters: tests, CI and the 2-core demo pipeline
     "tiny": ModelConfig("tiny", dim=64, depth=2, heads=4, mlp_ratio=4.0, patch=4, cascades=3,
-                        share_weights=False, dc_mode="soft", sens_channels=8, sens_layers=3),
+                        share_weights=False, dc_mode="soft", sens_channels=8, sens_layers=3, conv_channels=8),
     # ~19M: CPU-trainable experiments
     "small": ModelConfig("small", dim=256, depth=6, heads=4, mlp_ratio=4.0, patch=8, cascades=4,
-                         share_weights=False, dc_mode="soft", sens_channels=16, sens_layers=3),
+                         share_weights=False, dc_mode="soft", sens_channels=16, sens_layers=3, conv_channels=0),
     # ~101M
     "base": ModelConfig("base", dim=512, depth=8, heads=8, mlp_ratio=4.0, patch=8, cascades=4,
-                        share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=4),
+                        share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=4, conv_channels=0),
     # ~1.01B: 4 cascades x 20 blocks of ViT-L width (D 1024, 16 heads of 64)
     "1b": ModelConfig("1b", dim=1024, depth=20, heads=16, mlp_ratio=4.0, patch=8, cascades=4,
-                      share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=5),
+                      share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=5, conv_channels=0),
 }
 
 

@@ -138,8 +138,16 @@ def build_engine(cfg: PretrainConfig, dist: DistEnv, config: dict[str, Any]) -> 
     torch.manual_seed(cfg.run.seed)
     stage3 = cfg.deepspeed.zero_stage == 3
     remote = "cpu" if (stage3 and cfg.deepspeed.offload == "cpu") else None
-    with deepspeed.zero.Init(config_dict_or_path=config, enabled=stage3, remote_device=remote):
-        model = build_model(cfg.model, device=None if stage3 else dist.device)
+    if cfg.run.init:
+        if stage3:
+            raise ValueError(f"run.init={cfg.run.init}: starting from exported weights needs ZeRO stage 0-2 "
+                             "(under ZeRO-3 each rank builds only its partition)")
+        from pretrain.checkpoint import load_backbone
+
+        model = load_backbone(cfg.run.init, device=dist.device).train()  # raises CheckpointError naming the file
+    else:
+        with deepspeed.zero.Init(config_dict_or_path=config, enabled=stage3, remote_device=remote):
+            model = build_model(cfg.model, device=None if stage3 else dist.device)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
     return engine

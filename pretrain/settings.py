@@ -103,6 +103,10 @@ class RunConfig:
     """torch CPU threads per rank; 0 = cores / ranks on this node (oversubscribed cores run ~5x slower)."""
     dir: str = "out/pretrain"
     """Run directory: config.toml, ds_config.json, tensorboard/, eval.jsonl, backbone export."""
+    init: str = ""
+    """Start from these weights (a folder or file exported by pretrain.checkpoint.export_backbone, e.g.
+    the shipped launch/weights/demo_tiny) instead of a random init; its model_config.json replaces
+    [model]. Only for a fresh run: a resumed run continues from its checkpoint. ZeRO stages 0-2."""
 
 
 @dataclass

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from launch.cli import config_differences, config_to_dict, dump_config, load_config, parse_args
 from launch.outputs import FolderLock, write_atomic
 from shards.fft import fft2c, ifft2c
-from shards.masks import ACCELERATIONS_2025, ACS_2024, PATTERNS_2025, make_mask, mask_name
+from shards.masks import ACCELERATIONS_2025, ACS_2024, PATTERNS_2025, effective_acceleration, make_mask, mask_name
 from shards.matfile import write_fastmri, write_mat5, write_mat73
 from shards.phantom import coil_maps, frames_for, is_four_d, random_anatomy, render_images
 
@@ -81,12 +81,34 @@ _UIH_NO_OVERSAMPLE = ("umr670", "umr680")  # nx/rx ~ 0.99 on these models
 _VENDOR_KMAX = {"Siemens": 5e-3, "UIH": 1e7, "GE": 3e2, "Philips": 2e1}
 _FIXED_DATE = 1744584003.0  # header "Created on" date: fixed so reruns are byte-identical
 
+PROFILES = ("", "real")
+# The "real" profile: (ny, nx) ranges per file type as measured on the 2025 training release
+# (docs/cmrxrecon.md §3.1; nx is the stored readout, oversampling included). Types not listed use
+# the cine ranges. The official 20-line ACS then leaves the effective accelerations real masks have.
+REAL_SIZES: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+    "cine_sax": ((112, 328), (288, 456)), "cine_lax": ((130, 202), (412, 450)),
+    "cine_lax_2ch": ((120, 322), (320, 460)), "cine_lax_3ch": ((120, 322), (320, 460)),
+    "cine_lax_4ch": ((120, 322), (320, 460)), "cine_lax_r2ch": ((120, 322), (320, 460)),
+    "cine_lvot": ((120, 322), (320, 460)), "cine_rvot": ((120, 322), (320, 460)), "cine_ot": ((120, 322), (320, 460)),
+    "lge_sax": ((108, 260), (378, 518)), "lge_lax": ((108, 260), (378, 518)), "lge_lax_2ch": ((108, 260), (378, 518)),
+    "lge_lax_3ch": ((108, 260), (378, 518)), "lge_lax_4ch": ((108, 260), (378, 518)),
+    "T1map": ((72, 187), (378, 806)), "T1mappost": ((149, 185), (380, 520)), "T2map": ((55, 247), (372, 396)),
+    "T2smap": ((98, 163), (418, 510)), "T1rho": ((137, 177), (378, 390)), "perfusion": ((87, 159), (220, 384)),
+    "flow2d": ((119, 151), (380, 390)), "T1w": ((98, 324), (512, 518)), "T2w": ((98, 324), (512, 518)),
+    "blackblood": ((98, 324), (512, 518)),
+}
+
 
 @dataclass
 class SyntheticConfig:
     """Synthetic CMRxRecon-format corpus (defaults: the small CPU corpus, about a minute on 2 cores)."""
 
     out: str = "data/synthetic"
+    profile: str = ""
+    """"" (the small CPU corpora, smooth anatomy) or "real": per-file-type matrix sizes of the real 2025
+    release (REAL_SIZES; ny_min..nx_max and scale are then ignored) and the phantom's fine anatomy,
+    texture and 1.5-pixel edges (shards/phantom.py `detail`). configs/synthetic_real.toml is the
+    benchmark corpus."""
     seed: int = 0
     workers: int = 2
     # "Center/Vendor_FieldT_Model" entries; validation must hold >= 1 center and scanner training lacks
@@ -182,10 +204,12 @@ def _plan(cfg: SyntheticConfig) -> list[_Job]:
 
     def make(tree: str, stem: str, center: str, scanner: str, patient: str, nz_max: int) -> None:
         i = len(jobs)
-        ny = int(rng.integers(ny_lo, ny_hi + 1))
+        (y_lo, y_hi), (x_lo, x_hi) = ((ny_lo, ny_hi), (nx_lo, nx_hi)) if cfg.profile != "real" else \
+            REAL_SIZES.get(stem, REAL_SIZES["cine_sax"])
+        ny = int(rng.integers(y_lo, y_hi + 1))
         if (ny % 2 == 1) != (i % 2 == 0):  # alternate parity: about half the files have an odd ny
-            ny = ny + 1 if ny < ny_hi else ny - 1
-        nx = _pick_nx(rng, nx_lo, nx_hi)
+            ny = ny + 1 if ny < y_hi else ny - 1
+        nx = _pick_nx(rng, x_lo, x_hi)
         if stem in ("cine_lax", "lge_lax"):
             nz = 3  # three views packed in the slice axis
         elif "lax" in stem or stem in ("cine_lvot", "cine_rvot", "cine_ot", "perfusion"):
@@ -245,7 +269,7 @@ def _synth_kspace(job: _Job, cfg: SyntheticConfig, vendor: str, model: str, ny: 
     anat = random_anatomy(np.random.default_rng(job.anat_seed))
     os_ = 1.0 if (vendor == "UIH" and model in _UIH_NO_OVERSAMPLE) else _VENDOR_OVERSAMPLE.get(vendor, 1.0)
     ny_grid = ny + 2 * abs(job.dc_shift) + 2 if job.dc_shift else ny
-    img = render_images(job.stem, job.nt, job.nz, ny_grid, nx, os_, anat, rng)
+    img = render_images(job.stem, job.nt, job.nz, ny_grid, nx, os_, anat, rng, detail=cfg.profile == "real")
     sens = coil_maps(ncoils, ny_grid, nx, os_, rng)
     k = fft2c(img[:, :, None] * sens[None, None])
     if job.dc_shift:  # keep ny rows with DC at ny//2 + dc_shift (asymmetric ky coverage, not zero-filled)
@@ -417,6 +441,8 @@ def _run_fastmri(job: _Job, cfg: SyntheticConfig, root: Path) -> tuple[list[dict
 
 
 def _validate(cfg: SyntheticConfig) -> None:
+    if cfg.profile not in PROFILES:
+        raise ValueError(f"{cfg.out}: profile must be one of {PROFILES}, got {cfg.profile!r}")
     if round(cfg.ny_min * cfg.scale) < 14 or round(cfg.nx_min * cfg.scale) < 22:
         # the challenge crop keeps round(nx/3) x round(ny/2); SSIM needs >= 7 x 7
         raise ValueError(f"{cfg.out}: ny_min*scale >= 14 and nx_min*scale >= 22 are needed (ranking crop >= 7x7)")
@@ -509,6 +535,23 @@ def _write_corpus(cfg: SyntheticConfig, root: Path) -> Path:
     return root
 
 
+def acceleration_table(index: dict) -> list[tuple[str, int, int, float, float, float]]:
+    """Effective acceleration (samples / acquired, ACS included) of the corpus's 2025 masks, per
+    (pattern, R): rows (pattern, R, masks, mean, min, max), recomputed from each k-space file's size."""
+    sizes = [(tuple(e["shape"]), e["stem"]) for e in index["files"]
+             if e["kind"] in ("kspace", "reference") and e.get("year") == 2025]
+    rows = []
+    for pattern in PATTERNS_2025:
+        for R in ACCELERATIONS_2025:
+            acc = []
+            for shape, stem in sizes:
+                nt = 1 if len(shape) == 4 else shape[0]
+                acc.append(effective_acceleration(_mask(pattern, R, nt, shape[-2], shape[-1], 0)))
+            if acc:
+                rows.append((pattern, R, len(acc), float(np.mean(acc)), float(np.min(acc)), float(np.max(acc))))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(SyntheticConfig, argv)
     t0 = time.perf_counter()
@@ -516,6 +559,10 @@ def main(argv: list[str] | None = None) -> None:
     index = json.loads((root / "synthetic_index.json").read_text())
     print(f"wrote {len(index['files'])} files, {index['bytes'] / 1e6:.1f} MB to {root} "
           f"in {time.perf_counter() - t0:.1f} s")
+    print("effective acceleration (samples / acquired, ACS 20 included) over the 2025 k-space files:")
+    print("| pattern | R | files | mean | min | max |\n|---|---|---|---|---|---|")
+    for pattern, R, n, mean, lo, hi in acceleration_table(index):
+        print(f"| {pattern} | {R} | {n} | {mean:.2f} | {lo:.2f} | {hi:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,648 @@
+"""Reconstruction quality at real difficulty, side by side: cmrfm, fastMRI's VarNet, CG-SENSE, L1-wavelet.
+
+    python bench/quality.py [--set train_seconds=900 --set model.conv_channels=16 ...]
+    python bench/quality.py --set tiny=true        # minutes: the suite's end-to-end check
+
+One run, one corpus, one set of seeds. The corpus is the "real" profile of shards.synthetic (matrix
+sizes of the 2025 release, 10 coils, fine anatomy and texture) restricted to cine_sax; one
+center/scanner (`held_out`) is in no training data. Every arm reconstructs the same problems:
+
+    cmrfm SSL + adapters   SSDU pretraining (pretrain.objective) on undersampled training data, no
+                           reference, then one LoRA adapter per pattern (models.adapters), supervised
+    cmrfm scratch          the same architecture, supervised from random init on the same labels
+    VarNet                 fastmri.models.VarNet (bench-only dependency), parameter count within 10%
+                           of cmrfm's, the same labels, masks, loss and wall-clock budget
+    CG-SENSE, L1-wavelet   ESPIRiT + sigpy solvers, regularisation picked on training slices
+    zero-filled            RSS of the zero-filled coil images
+
+A problem is one slice of a 3-frame window: k-space undersampled with an official mask (shards.masks,
+ACS 20) at its real size, normalised by shards.normalise.kspace_scale, with the RSS of the fully
+sampled frames as the target. Cost lever (`crop_readout`, on by default): for Uniform and ktGaussian
+the readout is fully sampled, so after an inverse FFT along it every image column is its own 1-D
+problem; only the columns the challenge's ranking crop keeps (the central third, plus a margin) are
+reconstructed, with no loss of data consistency. ktRadial samples the readout too and is solved at
+full size. Scores use the official crop (finetune.ranking) on the full-size canvas, challenge-exact and
+clean (finetune.metrics.score_file); the table, timings and PNG grids go to `out`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):  # run as a script from any directory
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from finetune.classical import espirit_maps, l1_wavelet, sense, zero_filled
+from finetune.metrics import score_file
+from finetune.ranking import crop_selected, img4ranking_from_kspace, matlab_round_div, select_frames, select_slices
+from finetune.settings import FinetuneLoss
+from finetune.train import supervised_loss
+from launch.cli import parse_args
+from models.adapters import add_adapters, adapter_parameters, merge_adapters
+from models.coils import rss
+from models.fft import ifft2c
+from models.sizes import ModelConfig, build_model, parameter_count
+from pretrain.objective import ObjectiveConfig, ssdu_step_loss
+from shards.fft import fft2c as np_fft2c
+from shards.fft import ifft2c as np_ifft2c
+from shards.layout import parse_scanner
+from shards.masks import make_mask
+from shards.matfile import read_kspace
+from shards.normalise import kspace_scale
+from shards.synthetic import SyntheticConfig, write_corpus
+
+PATTERNS = ("Uniform", "ktGaussian", "ktRadial")
+RATES = (8, 16, 24)
+CARTESIAN = ("Uniform", "ktGaussian")  # masks constant along the readout
+ARMS = ("CG-SENSE", "L1-wavelet", "VarNet", "cmrfm scratch", "cmrfm SSL+adapters")  # zero-filled always runs
+CLASSICAL_ARMS = {"CG-SENSE", "L1-wavelet"}
+
+
+@dataclass
+class QualityConfig:
+    """Corpus, arms and budgets of the quality benchmark (defaults: about an hour on 2 CPU cores)."""
+
+    out: str = "out/bench_quality"
+    seed: int = 0
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    """Which arms to run besides zero-filled (ablations run "cmrfm scratch" alone)."""
+    tiny: bool = False
+    """Small matrices, 4 coils and seconds of training: the test suite's end-to-end run."""
+    train_scanners: list[str] = field(default_factory=lambda: [
+        "Center001/UIH_30T_umr780", "Center002/Siemens_30T_CIMA.X", "Center005/UIH_15T_umr670",
+        "Center007/Siemens_15T_Sola"])
+    held_out: str = "Center012/Philips_30T_IngeniaCX"
+    patients_per_scanner: int = 2
+    eval_patients: int = 2
+    nz_max: int = 2
+    frames: int = 3
+    crop_readout: bool = True
+    """Reconstruct only the readout columns the ranking crop keeps (+ margin) for Cartesian masks."""
+    readout_margin: float = 0.15
+    """Extra columns on each side of the ranking crop, as a fraction of its width (model context)."""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        size="tiny", dim=96, depth=3, heads=4, patch=16, cascades=4, conv_channels=16, sens_channels=8))
+    """cmrfm's architecture for every cmrfm arm (patch 16 + convolutional stem/head: see BENCHMARKS.md)."""
+    threads: int = 0
+    """torch intra-op threads (0: torch's default). 1 is ~10x faster per step on a 2-core machine that
+    other processes share: OpenMP threads spin at every small op while a core is taken (measured)."""
+    varnet_cascades: int = 6
+    varnet_sens_chans: int = 4
+    train_seconds: float = 900.0
+    """Wall-clock of each supervised arm (cmrfm scratch, VarNet)."""
+    pretrain_seconds: float = 600.0
+    """SSDU pretraining of the cmrfm SSL arm (no reference read)."""
+    adapter_seconds: float = 300.0
+    """Per pattern: the SSL arm's adapter fine-tuning."""
+    lr: float = 1e-3
+    lr_adapter: float = 3e-3
+    adapter_rank: int = 8
+    adapter_targets: str = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+    sense_lamdas: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 3e-2, 1e-1])
+    l1_lamdas: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2])
+    tune_slices: int = 2
+    """Training slices the classical regularisation is picked on (R 16, every pattern)."""
+    figure_R: int = 16
+
+
+# ---- problems -------------------------------------------------------------------------------------
+
+
+def _ifft_readout(k: np.ndarray) -> np.ndarray:
+    """Centred orthonormal inverse FFT along the readout (last axis), the convention of shards/fft.py."""
+    return np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(k, axes=-1), axis=-1, norm="ortho"), axes=-1)
+
+
+def _fft_readout(x: np.ndarray) -> np.ndarray:
+    return np.fft.fftshift(np.fft.fft(np.fft.ifftshift(x, axes=-1), axis=-1, norm="ortho"), axes=-1)
+
+
+def readout_window(nx: int, margin: float) -> tuple[int, int]:
+    """Columns [x0, x1) holding the ranking crop's central third of the readout plus a margin."""
+    keep = matlab_round_div(nx, 3)
+    width = min(nx, keep + 2 * int(math.ceil(margin * keep)))
+    width += width % 2
+    x0 = max(nx // 2 - width // 2, 0)
+    return x0, min(x0 + width, nx)
+
+
+def crop_readout(k: np.ndarray, x0: int, x1: int) -> np.ndarray:
+    """k-space (..., Y, X) -> k-space (..., Y, x1 - x0) of image columns [x0, x1) (hybrid-domain crop)."""
+    return _fft_readout(_ifft_readout(k)[..., x0:x1])
+
+
+@dataclass
+class Problem:
+    """One slice window: what every arm reconstructs, normalised by `scale`."""
+
+    kus: np.ndarray  # complex64 (T, C, Y, X'), zero off the mask
+    mask: np.ndarray  # float32 (T, Y, X')
+    full: np.ndarray  # complex64 (T, C, Y, X'), the fully sampled k-space (training target)
+    meta: dict
+    scale: float
+    columns: tuple[int, int]  # [x0, x1) of the full readout this problem covers
+    nx: int  # full readout size
+
+    def batch(self) -> dict:
+        """The loader's batch format (B = 1) for models.recon / finetune.train.supervised_loss."""
+        return {"kspace": torch.from_numpy(self.kus[None]), "mask": torch.from_numpy(self.mask[None]),
+                "target": torch.from_numpy(self.full[None]), "meta": [self.meta]}
+
+    def target_image(self) -> np.ndarray:
+        """RSS of the fully sampled frames (T, Y, X'), normalised."""
+        return np.sqrt((np.abs(np_ifft2c(self.full)) ** 2).sum(1)).astype(np.float32)
+
+
+def make_problem(k: np.ndarray, frames: np.ndarray, pattern: str, R: int, seed: int, meta: dict,
+                 cfg: QualityConfig, x_shift: int = 0) -> Problem:
+    """k: fully sampled (nt, C, Y, X) of one slice -> the Problem of `frames` under an official mask."""
+    nt, _, ny, nx = k.shape
+    mask = make_mask(pattern, R, nt, ny, nx, seed=seed)[frames]
+    full = k[frames]
+    x0, x1 = 0, nx
+    if cfg.crop_readout and pattern in CARTESIAN:
+        x0, x1 = readout_window(nx, cfg.readout_margin)
+        x0, x1 = x0 + x_shift, x1 + x_shift
+        if x0 < 0 or x1 > nx:
+            x0, x1 = x0 - x_shift, x1 - x_shift
+        full, mask = crop_readout(full, x0, x1), mask[..., x0:x1]
+    kus = full * mask[:, None]
+    scale = kspace_scale(kus)
+    return Problem((kus / scale).astype(np.complex64), np.ascontiguousarray(mask, dtype=np.float32),
+                   (full / scale).astype(np.complex64), dict(meta, pattern=pattern, R=R), scale, (x0, x1), nx)
+
+
+@dataclass
+class Case:
+    """One k-space file of the corpus, fully sampled (nt, nz, C, Y, X), with its metadata."""
+
+    path: Path
+    kspace: np.ndarray
+    meta: dict
+
+
+def load_cases(paths: list[Path]) -> list[Case]:
+    cases = []
+    for p in paths:
+        vendor, field_t, _ = parse_scanner(p.parent.parent.name)
+        meta = {"modality": "cine", "view": p.stem.partition("_")[2], "vendor": vendor, "field_T": field_t,
+                "__key__": str(p)}
+        cases.append(Case(p, read_kspace(p), meta))
+    return cases
+
+
+def corpus(cfg: QualityConfig, work: Path) -> tuple[list[Case], list[Case]]:
+    """(training cases, held-out evaluation cases): cine_sax of the real-size profile."""
+    data = work / "data"
+    if not (data / "synthetic_index.json").exists():
+        syn = SyntheticConfig(out=str(data), profile="real", seed=cfg.seed, train_scanners=cfg.train_scanners,
+                              val_scanners=[cfg.held_out], patients_per_scanner=cfg.patients_per_scanner,
+                              val_patients_per_scanner=cfg.eval_patients, files_per_patient=1,
+                              val_files_per_patient=1, nz_max=cfg.nz_max, patients_2024=0, fastmri_files=0)
+        if cfg.tiny:
+            syn = dataclasses.replace(syn, profile="", ny_min=40, ny_max=48, nx_min=72, nx_max=84, coils=4)
+        write_corpus(syn)
+    train = sorted(data.glob("ChallengeData/MultiCoil/Cine/TrainingSet/FullSample/**/cine_sax.mat"))
+    held = sorted(data.glob("ChallengeData_ValSet/**/FullSample_TaskR1/**/cine_sax.mat"))
+    if not train or not held:
+        raise SystemExit(f"{data}: no cine_sax training ({len(train)}) or held-out ({len(held)}) file")
+    return load_cases(train), load_cases(held)
+
+
+class ProblemSampler:
+    """Random training problems: file, slice, frame window, pattern, R, mask seed, readout offset."""
+
+    def __init__(self, cases: list[Case], cfg: QualityConfig, seed: int, patterns: tuple[str, ...] = PATTERNS):
+        self.cases, self.cfg, self.patterns = cases, cfg, patterns
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self) -> Problem:
+        case = self.cases[int(self.rng.integers(len(self.cases)))]
+        nt, nz = case.kspace.shape[:2]
+        z = int(self.rng.integers(nz))
+        start = int(self.rng.integers(nt))
+        frames = (start + np.arange(self.cfg.frames)) % nt  # cine is periodic
+        pattern = str(self.rng.choice(self.patterns))
+        R = int(self.rng.choice(RATES))
+        shift = int(self.rng.integers(-8, 9))
+        return make_problem(case.kspace[:, z], frames, pattern, R, int(self.rng.integers(2**31 - 1)), case.meta,
+                            self.cfg, shift)
+
+
+# ---- arms -----------------------------------------------------------------------------------------
+
+
+def cmrfm_image(model: torch.nn.Module, problem: Problem) -> np.ndarray:
+    """RSS magnitude (T, Y, X') of the model's k-space, normalised units."""
+    b = problem.batch()
+    out = model(b["kspace"], b["mask"], b["meta"])["kspace"]
+    return rss(ifft2c(out), dim=2)[0].float().numpy()
+
+
+def to_fastmri(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our (T, C, Y, X) with Y the phase encode -> fastMRI's (B=T, C, H=X, W=Y, 2) k-space with the
+    phase encode along W, and its bool mask (T, 1, X, Y, 1); frames are VarNet's batch (it is 2-D)."""
+    k = torch.from_numpy(np.ascontiguousarray(problem.kus.transpose(0, 1, 3, 2)))
+    m = torch.from_numpy(np.ascontiguousarray(problem.mask.transpose(0, 2, 1)))[:, None, :, :, None] > 0
+    return torch.view_as_real(k).contiguous(), m
+
+
+def varnet_image(model: torch.nn.Module, problem: Problem) -> np.ndarray:
+    """VarNet's RSS output, back in our (T, Y, X') orientation."""
+    k, m = to_fastmri(problem)
+    return model(k, m, num_low_frequencies=20).transpose(-2, -1)
+
+
+def build_varnet(cfg: QualityConfig, target_params: int) -> tuple[torch.nn.Module, int]:
+    """fastMRI VarNet with the U-Net width chosen so its parameter count is closest to `target_params`."""
+    from fastmri.models import VarNet
+
+    best = None
+    for chans in range(2, 65):
+        torch.manual_seed(cfg.seed)
+        model = VarNet(num_cascades=cfg.varnet_cascades, sens_chans=cfg.varnet_sens_chans, chans=chans)
+        n = parameter_count(model)
+        if best is None or abs(n - target_params) < abs(best[1] - target_params):
+            best = (model, n)
+        if n > target_params:
+            break
+    return best
+
+
+def image_loss(pred: torch.Tensor, target: torch.Tensor, weights: FinetuneLoss) -> torch.Tensor:
+    """(1 - SSIM) + L1 of RSS images (T, Y, X): finetune.train's supervised loss, for VarNet's output."""
+    from models.losses import l1, ssim
+
+    data_range = target.amax(dim=(-2, -1)).clamp_min(1e-6)
+    return weights.ssim * (1 - ssim(pred, target, data_range).mean()) + weights.l1 * l1(pred, target)
+
+
+def train_for(seconds: float, params: list[torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor], lr: float,
+              name: str) -> dict:
+    """AdamW on `params` for a wall-clock budget, cosine-decayed over the time used; returns stats."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    t0, steps, losses = time.perf_counter(), 0, []
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        for g in opt.param_groups:
+            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(elapsed / seconds, 1.0))))
+        loss = loss_fn()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{name}: non-finite loss at step {steps}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        steps += 1
+        if steps % 10 == 0:
+            print(f"[quality] {name}: step {steps}, {elapsed:.0f}/{seconds:.0f} s, "
+                  f"loss {np.mean(losses[-10:]):.4f}, {steps / max(elapsed, 1e-9):.2f} steps/s", file=sys.stderr)
+    took = time.perf_counter() - t0
+    return {"steps": steps, "seconds": took, "step_s": took / max(steps, 1), "final_loss": float(np.mean(losses[-25:]))}
+
+
+def train_supervised(model: torch.nn.Module, image_fn: Callable, sampler: ProblemSampler, cfg: QualityConfig,
+                     seconds: float, lr: float, name: str, params: list | None = None) -> dict:
+    weights = FinetuneLoss()
+
+    def loss_fn() -> torch.Tensor:
+        problem = sampler()
+        if image_fn is cmrfm_image:
+            return supervised_loss(model, problem.batch(), weights)[0]
+        return image_loss(image_fn(model, problem), torch.from_numpy(problem.target_image()), weights)
+
+    model.train()
+    stats = train_for(seconds, params or [p for p in model.parameters() if p.requires_grad], loss_fn, lr, name)
+    model.eval()
+    return stats
+
+
+def train_ssl(model: torch.nn.Module, sampler: ProblemSampler, cfg: QualityConfig) -> dict:
+    """SSDU on undersampled training data: the reference (`full`) is never read."""
+    objective = ObjectiveConfig()
+    step = [0]
+
+    def loss_fn() -> torch.Tensor:
+        b = sampler().batch()
+        b.pop("target")
+        step[0] += 1
+        return ssdu_step_loss(model, b, objective, cfg.seed, step[0])
+
+    model.train()
+    stats = train_for(cfg.pretrain_seconds, list(model.parameters()), loss_fn, cfg.lr, "cmrfm SSL pretraining")
+    model.eval()
+    return stats
+
+
+# ---- classical ------------------------------------------------------------------------------------
+
+
+def classical_image(method: str, problem: Problem, lamda: float = 0.0, maps: np.ndarray | None = None) -> np.ndarray:
+    if method == "zero_filled":
+        return np.abs(zero_filled(problem.kus, problem.mask))
+    fn = sense if method == "sense" else l1_wavelet
+    return np.abs(fn(problem.kus, problem.mask, lamda=lamda, maps=maps))
+
+
+def tune_classical(method: str, lamdas: list[float], problems: list[Problem]) -> tuple[float, dict]:
+    """The lamda with the best mean PSNR (clean, central crop) over the training problems."""
+    maps = [espirit_maps(p.kus, p.mask) for p in problems]
+    scores = {}
+    for lam in lamdas:
+        ps = []
+        for p, mps in zip(problems, maps):
+            ref = p.target_image()
+            rec = classical_image(method, p, lam, mps)
+            ps.append(score_file(crop_selected(rec[:, None]), crop_selected(ref[:, None]), challenge_exact=False).psnr)
+        scores[lam] = float(np.mean(ps))
+        print(f"[quality] tune {method}: lamda {lam:g} -> {scores[lam]:.2f} dB", file=sys.stderr)
+    return max(scores, key=scores.get), scores
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+
+
+def canvas(image: np.ndarray, problem: Problem, ny: int) -> np.ndarray:
+    """A reconstruction of columns [x0, x1) (T, Y, X') in physical units on the full (T, Y, nx) grid."""
+    out = np.zeros(image.shape[:-1] + (problem.nx,), dtype=np.float32)
+    out[..., problem.columns[0]:problem.columns[1]] = image * problem.scale
+    return out
+
+
+def evaluate(methods: dict[str, Callable[[Problem], np.ndarray]], cases: list[Case], cfg: QualityConfig,
+             keep: dict) -> tuple[list[dict], dict[str, list[float]]]:
+    """Score every method on every (pattern, R) over the held-out cases; returns rows and seconds/slice."""
+    rows, timing = [], {name: [] for name in methods}
+    for pattern in PATTERNS:
+        for R in RATES:
+            row = {"pattern": pattern, "R": R}
+            per = {name: {"psnr": [], "ssim": [], "psnr_clean": [], "ssim_clean": []} for name in methods}
+            for ci, case in enumerate(cases):
+                nt, nz, _, ny, nx = case.kspace.shape
+                frames, slices = np.array(select_frames(nt, case.path.stem)), select_slices(nz)
+                reference = img4ranking_from_kspace(case.kspace, case.path.stem)
+                images = {name: [] for name in methods}
+                for z in slices:
+                    problem = make_problem(case.kspace[:, z], frames, pattern, R, cfg.seed + ci, case.meta, cfg)
+                    for name, fn in methods.items():
+                        t0 = time.perf_counter()
+                        with torch.inference_mode():
+                            img = np.asarray(fn(problem), dtype=np.float32)
+                        timing[name].append(time.perf_counter() - t0)
+                        images[name].append(canvas(img, problem, ny))
+                        if R == cfg.figure_R and ci == 0 and z == slices[0]:
+                            keep.setdefault(pattern, {})[name] = images[name][-1][0]
+                            keep[pattern]["reference"] = canvas(problem.target_image(), problem, ny)[0]
+                            keep[pattern]["columns"] = problem.columns
+                for name in methods:
+                    recon = crop_selected(np.stack(images[name], axis=1))  # (F, Z, Y, X) -> official crop
+                    exact = score_file(recon, reference, challenge_exact=True)
+                    clean = score_file(recon, reference, challenge_exact=False)
+                    per[name]["psnr"].append(exact.psnr)
+                    per[name]["ssim"].append(exact.ssim)
+                    per[name]["psnr_clean"].append(clean.psnr)
+                    per[name]["ssim_clean"].append(clean.ssim)
+            for name in methods:
+                row[name] = {k: float(np.mean(v)) for k, v in per[name].items()}
+            rows.append(row)
+            print(f"[quality] {pattern} R{R}: " + ", ".join(f"{n} {row[n]['psnr']:.2f}" for n in methods),
+                  file=sys.stderr)
+    return rows, timing
+
+
+def write_figures(keep: dict, out: Path, names: list[str], R: int) -> list[Path]:
+    """Per pattern at R = figure_R: images (full field of view) and error maps on one shared scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for pattern, imgs in keep.items():
+        ref = imgs["reference"]
+        x0, x1 = imgs["columns"]
+        crop = (slice(None), slice(x0, x1)) if x1 - x0 < ref.shape[1] else (slice(None), slice(None))
+        ref_c = ref[crop]
+        vmax = float(np.percentile(ref_c, 99.5))
+        cols = ["reference"] + names
+        errs = {n: np.abs(imgs[n][crop] - ref_c) for n in names}
+        emax = max(float(np.percentile(e, 99.5)) for e in errs.values()) or 1.0
+        h, w = ref_c.shape
+        scale = max(256 / w, 256 / h, 1.0) / 100  # each panel at least 256 px across
+        fig, axes = plt.subplots(2, len(cols), figsize=(len(cols) * w * scale, 2 * h * scale + 0.6), squeeze=False)
+        for j, name in enumerate(cols):
+            axes[0, j].imshow(imgs[name][crop], cmap="gray", vmin=0, vmax=vmax)
+            axes[0, j].set_title(name, fontsize=9)
+            if name != "reference":
+                axes[1, j].imshow(errs[name], cmap="magma", vmin=0, vmax=emax)
+                axes[1, j].set_title(f"|error| (max {emax:.3g})", fontsize=8)
+            for a in axes[:, j]:
+                a.axis("off")
+        fig.suptitle(f"{pattern} R{R}, frame 1, held-out scanner", fontsize=10)
+        fig.tight_layout()
+        path = out / f"quality_{pattern}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def inference_timing(methods: dict[str, Callable[[Problem], np.ndarray]], cfg: QualityConfig,
+                     size: tuple[int, int, int] = (10, 246, 512)) -> dict[str, dict[str, float]]:
+    """Seconds per slice (3 frames) of every method at a real slice size, per pattern at R 16.
+
+    The k-space is the real profile's phantom at that size; Cartesian patterns use the readout crop
+    (for every method alike), ktRadial the full matrix."""
+    from shards.phantom import coil_maps, random_anatomy, render_images
+
+    coils, ny, nx = size
+    rng = np.random.default_rng(cfg.seed)
+    img = render_images("cine_sax", 12, 1, ny, nx, 2.0, random_anatomy(rng), rng, detail=True)[:, 0]
+    k = np_fft2c(img[:, None] * coil_maps(coils, ny, nx, 2.0, rng)[None]).astype(np.complex64)
+    out: dict[str, dict[str, float]] = {}
+    for pattern in PATTERNS:
+        problem = make_problem(k, np.arange(cfg.frames), pattern, 16, cfg.seed, {"modality": "cine", "view": "sax"}, cfg)
+        for name, fn in methods.items():
+            with torch.inference_mode():
+                fn(problem)  # warm-up (allocations, ESPIRiT kernels)
+                t0 = time.perf_counter()
+                fn(problem)
+            out.setdefault(name, {})[pattern] = time.perf_counter() - t0
+        print(f"[quality] inference at {size} x {cfg.frames} frames, {pattern} R16: "
+              + ", ".join(f"{n} {out[n][pattern]:.2f} s" for n in methods), file=sys.stderr)
+    return out
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+
+def tiny_overrides(cfg: QualityConfig) -> QualityConfig:
+    return dataclasses.replace(
+        cfg, patients_per_scanner=1, eval_patients=1, nz_max=1, train_seconds=min(cfg.train_seconds, 4.0),
+        pretrain_seconds=min(cfg.pretrain_seconds, 3.0), adapter_seconds=min(cfg.adapter_seconds, 1.0),
+        sense_lamdas=cfg.sense_lamdas[:2], l1_lamdas=cfg.l1_lamdas[:2], tune_slices=1, varnet_cascades=2,
+        model=dataclasses.replace(cfg.model, dim=32, depth=1, heads=2, cascades=2, conv_channels=4, patch=4))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(QualityConfig, argv, description="real-difficulty quality benchmark")
+    if cfg.tiny:
+        cfg = tiny_overrides(cfg)
+    unknown = sorted(set(cfg.arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"bench/quality.py: unknown arm(s) {unknown}; known: {', '.join(ARMS)} (comma-separated)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    train_cases, eval_cases = corpus(cfg, out)
+    print(f"[quality] {len(train_cases)} training files, {len(eval_cases)} held-out files "
+          f"({cfg.held_out}); shapes {[c.kspace.shape for c in eval_cases]}", file=sys.stderr)
+
+    methods: dict[str, Callable[[Problem], np.ndarray]] = {
+        "zero-filled": lambda p: classical_image("zero_filled", p, 0.0)}
+    cost: dict[str, dict] = {}
+    tuning: dict[str, tuple[float, dict]] = {}
+    torch.manual_seed(cfg.seed)
+    n_cmrfm = parameter_count(build_model(cfg.model, device="meta"))
+
+    if CLASSICAL_ARMS & set(cfg.arms):  # regularisation picked on training slices, never the held-out ones
+        tuner = ProblemSampler(train_cases, cfg, cfg.seed + 4)
+        tune_problems = []
+        for pattern in PATTERNS:
+            tuner.patterns = (pattern,)
+            tune_problems += [tuner() for _ in range(cfg.tune_slices)]
+        for arm, method, lamdas in (("CG-SENSE", "sense", cfg.sense_lamdas), ("L1-wavelet", "l1_wavelet", cfg.l1_lamdas)):
+            if arm in cfg.arms:
+                tuning[method] = tune_classical(method, lamdas, tune_problems)
+                methods[arm] = functools.partial(classical_image, method, lamda=tuning[method][0])
+
+    if "VarNet" in cfg.arms:  # same labels, masks, loss and budget; parameter count matched to cmrfm
+        varnet, n_varnet = build_varnet(cfg, n_cmrfm)
+        cost["VarNet"] = train_supervised(varnet, varnet_image, ProblemSampler(train_cases, cfg, cfg.seed + 1), cfg,
+                                          cfg.train_seconds, cfg.lr, "VarNet") | {"parameters": n_varnet}
+        methods["VarNet"] = lambda p: varnet_image(varnet, p).numpy()
+
+    if "cmrfm scratch" in cfg.arms:  # the same architecture, supervised from random init
+        torch.manual_seed(cfg.seed)
+        scratch = build_model(cfg.model)
+        cost["cmrfm scratch"] = train_supervised(scratch, cmrfm_image, ProblemSampler(train_cases, cfg, cfg.seed + 1),
+                                                 cfg, cfg.train_seconds, cfg.lr, "cmrfm scratch") | {"parameters": n_cmrfm}
+        methods["cmrfm scratch"] = lambda p: cmrfm_image(scratch, p)
+
+    if "cmrfm SSL+adapters" in cfg.arms:  # SSDU pretraining (no reference), then one adapter per pattern
+        torch.manual_seed(cfg.seed)
+        pretrained = build_model(cfg.model)
+        arm = cost["cmrfm SSL+adapters"] = {"pretrain": train_ssl(pretrained, ProblemSampler(train_cases, cfg, cfg.seed + 2), cfg),
+                                            "parameters": n_cmrfm}
+        adapted = {}
+        for pattern in PATTERNS:
+            model = copy.deepcopy(pretrained)
+            add_adapters(model, cfg.adapter_rank, 2.0 * cfg.adapter_rank, cfg.adapter_targets)
+            params = adapter_parameters(model)
+            arm[pattern] = train_supervised(model, cmrfm_image, ProblemSampler(train_cases, cfg, cfg.seed + 3, (pattern,)),
+                                            cfg, cfg.adapter_seconds, cfg.lr_adapter, f"adapter {pattern}", params)
+            arm["trainable"] = sum(p.numel() for p in params)
+            merge_adapters(model)
+            adapted[pattern] = model.eval()
+        methods["cmrfm SSL+adapters"] = lambda p: cmrfm_image(adapted[p.meta["pattern"]], p)
+
+    keep: dict = {}
+    rows, timing = evaluate(methods, eval_cases, cfg, keep)
+    figures = write_figures(keep, out, list(methods), cfg.figure_R)
+    real_size = (4, 48, 96) if cfg.tiny else (10, 246, 512)
+    speed = inference_timing(methods, cfg, real_size)
+    report(cfg, rows, cost, timing, tuning, figures, time.perf_counter() - t_all, out, eval_cases, speed, real_size)
+    return 0
+
+
+def report(cfg: QualityConfig, rows: list[dict], cost: dict, timing: dict, tuning: dict, figures: list[Path],
+           total_s: float, out: Path, eval_cases: list[Case], speed: dict, real_size: tuple[int, int, int]) -> None:
+    names = [n for n in rows[0] if n not in ("pattern", "R")]
+    lines = [f"PSNR / SSIM on the held-out {cfg.held_out} cine_sax ({len(eval_cases)} files, "
+             f"{[tuple(c.kspace.shape) for c in eval_cases]}), official crop; challenge-exact first, clean below\n",
+             "| pattern | R | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for key in ("", "_clean"):
+        if key:
+            lines += ["", "clean (reference as the reference):", "",
+                      "| pattern | R | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for r in rows:
+            lines.append(f"| {r['pattern']} | {r['R']} | " + " | ".join(
+                f"{r[n]['psnr' + key]:.2f} / {r[n]['ssim' + key]:.4f}" for n in names) + " |")
+        mean = {n: (np.mean([r[n]["psnr" + key] for r in rows]), np.mean([r[n]["ssim" + key] for r in rows]))
+                for n in names}
+        lines.append("| **mean** | | " + " | ".join(f"**{mean[n][0]:.2f} / {mean[n][1]:.4f}**" for n in names) + " |")
+    lines += ["", "| arm | parameters | training s | steps | s/step | inference s/slice |", "|---|---|---|---|---|---|"]
+    for n in names:
+        c = cost.get(n, {})
+        if n == "cmrfm SSL+adapters":
+            pre = c["pretrain"]
+            secs = pre["seconds"] + sum(c[p]["seconds"] for p in PATTERNS)
+            steps = f"{pre['steps']} SSL + " + "/".join(str(c[p]["steps"]) for p in PATTERNS)
+            lines.append(f"| {n} | {c['parameters']:,} (+{c['trainable']:,} LoRA per pattern) | {secs:.0f} | {steps} | "
+                         f"{pre['step_s']:.2f} | {np.mean(timing[n]):.2f} |")
+        elif c:
+            lines.append(f"| {n} | {c['parameters']:,} | {c['seconds']:.0f} | {c['steps']} | {c['step_s']:.2f} | "
+                         f"{np.mean(timing[n]):.2f} |")
+        else:
+            lines.append(f"| {n} | - | - | - | - | {np.mean(timing[n]):.2f} |")
+    lines += ["", f"Inference seconds per slice at {real_size[0]} coils x {real_size[1]} x {real_size[2]}, "
+              f"{cfg.frames} frames, R 16 (this CPU, {torch.get_num_threads()} thread(s)):", "",
+              "| method | " + " | ".join(PATTERNS) + " |", "|---|" + "---|" * len(PATTERNS)]
+    lines += [f"| {n} | " + " | ".join(f"{speed[n][p]:.2f}" for p in PATTERNS) + " |" for n in names]
+    cells = [(r["pattern"], r["R"]) for r in rows]
+    goals = []
+    ours = [n for n in ("cmrfm scratch", "cmrfm SSL+adapters") if n in names]
+    if ours:
+        best = max(ours, key=lambda n: np.mean([r[n]["psnr"] for r in rows]))
+        goals.append(f"Goals (best cmrfm arm: {best}):")
+        classical = [n for n in ("CG-SENSE", "L1-wavelet") if n in names]
+        if classical:
+            ahead = sum(all(r[best]["psnr"] > r[c]["psnr"] and r[best]["ssim"] > r[c]["ssim"] for c in classical)
+                        for r in rows)
+            goals.append(f"- ahead of {' and '.join(classical)} in PSNR and SSIM: {ahead}/{len(cells)} cells "
+                         f"({'met' if ahead == len(cells) else 'NOT met'})")
+        if "VarNet" in names:
+            ahead = sum(r[best]["psnr"] > r["VarNet"]["psnr"] for r in rows)
+            gap = float(np.mean([r[best]["psnr"] - r["VarNet"]["psnr"] for r in rows]))
+            n_v, n_c = cost["VarNet"]["parameters"], cost[best]["parameters"]
+            goals += [f"- ahead of VarNet: {ahead}/{len(cells)} cells, mean {gap:+.2f} dB "
+                      f"({'met' if ahead >= 7 and gap > 0 else 'NOT met'})",
+                      f"- VarNet parameters {n_v:,} vs cmrfm {n_c:,} ({100 * (n_v / n_c - 1):+.1f}%, goal within 10%)"]
+        if "CG-SENSE" in names:
+            goals.append("- inference at the real slice size no slower than CG-SENSE: " + ", ".join(
+                f"{p} {speed[best][p]:.2f} vs {speed['CG-SENSE'][p]:.2f} s" for p in PATTERNS))
+    for method, (lam, scores) in tuning.items():
+        goals.append(f"- {method} lamda {lam:g}, picked on {cfg.tune_slices * len(PATTERNS)} training slices: "
+                     + ", ".join(f"{k:g} -> {v:.2f} dB" for k, v in scores.items()))
+    goals.append(f"- figures: {', '.join(str(f) for f in figures)}")
+    lines += [""] + goals + [
+              f"\nSeed {cfg.seed}; model {dataclasses.asdict(cfg.model)}; crop_readout {cfg.crop_readout}; "
+              f"total {total_s / 60:.1f} min on this machine.",
+              f"Command: python bench/quality.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}".rstrip()]
+    text = "\n".join(lines)
+    print(text)
+    (out / "quality.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": rows, "cost": cost,
+                                                  "timing_s_per_slice": {k: float(np.mean(v)) for k, v in timing.items()},
+                                                  "inference_real_size": {"size": list(real_size), "seconds": speed},
+                                                  "tuning": {k: [v[0], v[1]] for k, v in tuning.items()}},
+                                                 indent=2, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

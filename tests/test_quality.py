@@ -1,0 +1,105 @@
+"""bench/quality.py: the readout crop is exact for Cartesian masks, the VarNet arm sees the same batch as
+cmrfm (same k-space, mask and FFT convention), parameter counts are matched, and the whole benchmark
+runs end to end on a tiny setting."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench/quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quality"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ifft2c(k: np.ndarray) -> np.ndarray:  # the centred orthonormal convention, written out in numpy
+    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+
+
+def _kspace(rng: np.random.Generator, t: int = 3, c: int = 4, y: int = 41, x: int = 90) -> np.ndarray:
+    img = rng.standard_normal((t, c, y, x)) + 1j * rng.standard_normal((t, c, y, x))
+    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(img, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+
+
+@pytest.mark.parametrize("pattern", ["Uniform", "ktGaussian"])
+def test_readout_crop_is_exact_for_line_masks(quality, pattern: str) -> None:
+    rng = np.random.default_rng(0)
+    k = _kspace(rng, t=12)
+    cfg = quality.QualityConfig(crop_readout=True)
+    problem = quality.make_problem(k, np.arange(3), pattern, 8, 5, {}, cfg)
+    x0, x1 = problem.columns
+    assert 0 < x0 < x1 < k.shape[-1] and x1 - x0 >= round(k.shape[-1] / 3)
+    mask = quality.make_mask(pattern, 8, 12, k.shape[-2], k.shape[-1], seed=5)[:3]
+    full_zf = _ifft2c(k[:3] * mask[:, None])[..., x0:x1] / problem.scale  # every column of the full problem
+    np.testing.assert_allclose(_ifft2c(problem.kus), full_zf, atol=1e-5 * np.abs(full_zf).max())
+    np.testing.assert_array_equal(problem.mask, mask[..., x0:x1])
+
+
+def test_radial_problems_are_not_cropped(quality) -> None:
+    k = _kspace(np.random.default_rng(1), t=12)
+    problem = quality.make_problem(k, np.arange(3), "ktRadial", 8, 0, {}, quality.QualityConfig())
+    assert problem.columns == (0, k.shape[-1]) and problem.kus.shape == (3,) + k.shape[1:]
+
+
+def test_varnet_arm_is_fed_the_same_batch_as_cmrfm(quality) -> None:
+    import fastmri
+
+    k = _kspace(np.random.default_rng(2), t=12, y=37)  # odd phase-encode size
+    problem = quality.make_problem(k, np.arange(3), "ktGaussian", 8, 3, {"modality": "cine"}, quality.QualityConfig())
+    kv, mv = quality.to_fastmri(problem)
+    # the same k-space and mask, phase encode along fastMRI's W axis
+    np.testing.assert_array_equal(torch.view_as_complex(kv).numpy(), problem.kus.transpose(0, 1, 3, 2))
+    np.testing.assert_array_equal(mv[:, 0, :, :, 0].numpy(), problem.mask.transpose(0, 2, 1) > 0)
+    # the same FFT convention: fastMRI's zero-filled RSS is ours, transposed (odd sizes included)
+    theirs = fastmri.rss(fastmri.complex_abs(fastmri.ifft2c(kv)), dim=1).transpose(-2, -1).numpy()
+    ours = np.sqrt((np.abs(_ifft2c(problem.kus)) ** 2).sum(1))
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5 * ours.max())
+    # both arms take that problem and return RSS images of the same shape
+    cfg = quality.tiny_overrides(quality.QualityConfig())
+    torch.manual_seed(0)
+    cmrfm = quality.build_model(cfg.model).eval()
+    varnet, _ = quality.build_varnet(cfg, 10_000)
+    with torch.no_grad():
+        a = quality.cmrfm_image(cmrfm, problem)
+        b = quality.varnet_image(varnet.eval(), problem).numpy()
+    assert a.shape == b.shape == problem.target_image().shape
+    assert np.isfinite(a).all() and np.isfinite(b).all()
+
+
+def test_varnet_parameter_count_is_matched_within_ten_percent(quality) -> None:
+    cfg = quality.QualityConfig()
+    target = quality.parameter_count(quality.build_model(cfg.model, device="meta"))
+    _, n = quality.build_varnet(cfg, target)
+    assert abs(n - target) <= 0.1 * target, (n, target)
+
+
+@pytest.mark.slow
+def test_quality_bench_runs_end_to_end_on_a_tiny_setting(quality, tmp_path: Path) -> None:
+    assert quality.main(["--set", "tiny=true", "--set", f"out={tmp_path}", "--set", "threads=1"]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    arms = {"zero-filled", "CG-SENSE", "L1-wavelet", "VarNet", "cmrfm scratch", "cmrfm SSL+adapters"}
+    assert {(r["pattern"], r["R"]) for r in result["rows"]} == {(p, R) for p in quality.PATTERNS for R in quality.RATES}
+    for row in result["rows"]:
+        assert set(row) - {"pattern", "R"} == arms
+        for arm in arms:
+            assert np.isfinite(row[arm]["psnr"]) and 0 < row[arm]["ssim"] <= 1
+    table = (tmp_path / "quality.md").read_text()
+    assert all(name in table for name in arms) and "Command: python bench/quality.py" in table
+    from PIL import Image
+
+    for pattern in quality.PATTERNS:
+        with Image.open(tmp_path / f"quality_{pattern}.png") as im:
+            assert im.size[0] >= 7 * 256 and im.size[1] >= 2 * 256  # 7 panels a row, each >= 256 px

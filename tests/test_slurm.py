@@ -189,7 +189,9 @@ def test_finetune_array_trains_one_adapter_per_task(slurm: SlurmCluster, shard_d
     assert sorted(t.fields["ArrayTaskId"] for t in tasks) == ["0", "1"]
     for task in tasks:
         assert (task.state, task.exit_code) == ("COMPLETED", "0:0"), slurm.describe(task.job_id)
-    assert sorted(p.name for p in bank.iterdir()) == ["cine_Uniform", "cine_ktRadial"]
+    # hidden `.<entry>.lock` files beside each entry: the per-entry write locks (launch.outputs.FolderLock)
+    assert sorted(p.name for p in bank.iterdir() if not p.name.startswith(".")) == ["cine_Uniform", "cine_ktRadial"]
+    assert not [p for p in bank.iterdir() if ".partial-" in p.name]      # no staging folder left behind
     for name in ("cine_Uniform", "cine_ktRadial"):
         assert (bank / name / "adapter_model.safetensors").stat().st_size > 0
         assert json.loads((bank / name / "adapter_config.json").read_text())

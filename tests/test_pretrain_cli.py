@@ -49,3 +49,13 @@ def test_checkpoint_every_zero_saves_only_at_the_end(shard_dir: Path, tmp_path: 
     ckdir = tmp_path / "run" / "checkpoints"
     assert (ckdir / "latest").read_text().strip() == "step00000003"
     assert sorted(p.name for p in ckdir.iterdir() if p.is_dir()) == ["step00000003"]
+    # Item 1, through the real entry point: `latest` deleted "to start fresh", resume=false. The old
+    # complete tag survives (latest recovered, said in the log); the new run's step 3 moves it aside.
+    first = sorted(p.name for p in (ckdir / "step00000003").iterdir())
+    (ckdir / "latest").unlink()
+    r = run(tmp_path, f"data.shards={shard_dir}", "run.steps=3", "checkpoint.every=0", "checkpoint.resume=false")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "recovered it from the newest complete checkpoint step00000003" in r.stdout + r.stderr
+    aside = [p for p in ckdir.iterdir() if p.name.startswith("step00000003.superseded-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == first
+    assert (ckdir / "latest").read_text().strip() == "step00000003"

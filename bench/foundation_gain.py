@@ -15,8 +15,8 @@ pattern, all with the same step budget and batch:
     (f) the pretrained backbone, no fine-tuning       (the reference point of "fine-tuning gain")
 
 Evaluation: every cine reference of the held-out scanner, retrospectively undersampled with each
-pattern at R 8/16/24 (shards.masks, ACS 20), reconstructed on the img4ranking slices and frames,
-scored with finetune.metrics.score_file (clean variant: reference as reference, 99.5th-percentile
+pattern at R 8/16/24 (challenge.masks, ACS 20), reconstructed on the img4ranking slices and frames,
+scored with challenge.metrics.score_file (clean variant: reference as reference, 99.5th-percentile
 normalisation, on the official crop). Prints a markdown table (PSNR/SSIM by pattern and R), the
 trainable parameters and step time of each arm, the three goals, the seeds and the command.
 Everything is measured side by side in one run; `out` keeps the corpus, runs and a results.json.
@@ -42,8 +42,8 @@ from accelerate import Accelerator
 
 from finetune.classical import reconstruct_slice as classical_slice
 from finetune.classical import zero_filled
-from finetune.metrics import score_file
-from finetune.ranking import crop_selected, img4ranking_from_kspace, select_frames, select_slices
+from challenge.metrics import score_file
+from challenge.ranking import crop_selected, img4ranking_from_kspace, select_frames, select_slices
 from finetune.reconstruct import reconstruct_slice
 from finetune.settings import ClassicalConfig, FinetuneConfig
 from finetune.train import train
@@ -53,8 +53,8 @@ from pretrain.checkpoint import load_backbone
 from pretrain.settings import PretrainConfig
 from shards.convert import ConvertConfig, convert
 from shards.layout import parse_scanner
+from challenge.masks import make_mask
 from shards.manifest import Manifest
-from shards.masks import make_mask
 from shards.matfile import read_kspace
 from shards.synthetic import SyntheticConfig, write_corpus
 

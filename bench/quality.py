@@ -15,14 +15,14 @@ center/scanner (`held_out`) is in no training data. Every arm reconstructs the s
     CG-SENSE, L1-wavelet   ESPIRiT + sigpy solvers, regularisation picked on training slices
     zero-filled            RSS of the zero-filled coil images
 
-A problem is one slice of a 3-frame window: k-space undersampled with an official mask (shards.masks,
+A problem is one slice of a 3-frame window: k-space undersampled with an official mask (challenge.masks,
 ACS 20) at its real size, normalised by shards.normalise.kspace_scale, with the RSS of the fully
 sampled frames as the target. Cost lever (`crop_readout`, on by default): for Uniform and ktGaussian
 the readout is fully sampled, so after an inverse FFT along it every image column is its own 1-D
 problem; only the columns the challenge's ranking crop keeps (the central third, plus a margin) are
 reconstructed, with no loss of data consistency. ktRadial samples the readout too and is solved at
-full size. Scores use the official crop (finetune.ranking) on the full-size canvas, challenge-exact and
-clean (finetune.metrics.score_file); the table, timings and PNG grids go to `out`.
+full size. Scores use the official crop (challenge.ranking) on the full-size canvas, challenge-exact with the
+test-phase scorer that made the final 2025 ranking and clean (challenge.metrics.score_file); the table, timings and PNG grids go to `out`.
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ if __package__ in (None, ""):  # run as a script from any directory
 import numpy as np
 import torch
 
+from challenge.masks import make_mask
+from challenge.metrics import score_file
+from challenge.ranking import crop_selected, img4ranking_from_kspace, matlab_round_div, select_frames, select_slices
 from finetune.classical import espirit_maps, l1_wavelet, sense, zero_filled
-from finetune.metrics import score_file
-from finetune.ranking import crop_selected, img4ranking_from_kspace, matlab_round_div, select_frames, select_slices
 from finetune.settings import FinetuneLoss
 from finetune.train import supervised_loss
 from launch.cli import parse_args
@@ -59,7 +60,6 @@ from pretrain.objective import ObjectiveConfig, ssdu_step_loss
 from shards.fft import fft2c as np_fft2c
 from shards.fft import ifft2c as np_ifft2c
 from shards.layout import parse_scanner
-from shards.masks import make_mask
 from shards.matfile import read_kspace
 from shards.normalise import kspace_scale
 from shards.synthetic import SyntheticConfig, write_corpus
@@ -408,7 +408,7 @@ def evaluate(methods: dict[str, Callable[[Problem], np.ndarray]], cases: list[Ca
                             keep[pattern]["columns"] = problem.columns
                 for name in methods:
                     recon = crop_selected(np.stack(images[name], axis=1))  # (F, Z, Y, X) -> official crop
-                    exact = score_file(recon, reference, challenge_exact=True)
+                    exact = score_file(recon, reference, challenge_exact=True, scorer="test2025")
                     clean = score_file(recon, reference, challenge_exact=False)
                     per[name]["psnr"].append(exact.psnr)
                     per[name]["ssim"].append(exact.ssim)

@@ -27,7 +27,7 @@ import numpy as np
 import sigpy as sp
 import sigpy.mri.app as mri_app
 
-from finetune.ranking import crop_selected, select_frames, select_slices
+from challenge.ranking import crop_selected, select_frames, select_slices
 from finetune.settings import ClassicalConfig, ReconstructConfig
 from shards.fft import ifft2c
 
@@ -128,7 +128,7 @@ def reconstruct_tree(cfg: ReconstructConfig, files: list[Path] | None = None, sk
     """
     from tqdm import tqdm
 
-    from finetune.submission import SubmissionError, mask_path, parse_kus_path, save_img4ranking, submission_path
+    from challenge.submission import SubmissionError, mask_path, parse_kus_path, save_img4ranking, submission_path
     from launch.outputs import replaced_tree
     from launch.trees import find_files
     from shards.matfile import MatFileError, read_kspace, read_mask

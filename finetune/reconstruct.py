@@ -13,8 +13,8 @@ with its `Mask_<Task>/.../<file>_mask_<Pattern><R>.mat` (docs/cmrxrecon.md §2.2
    frames: frame t is read from the window that has it in the centre (moved inside the series at
    its ends, so the model sees windows like the training ones, never a replicated edge); each window
    is divided by `shards.normalise.kspace_scale` (the loader's normalisation) and multiplied back;
-3. the RSS image of the model's multi-coil k-space goes through `finetune.ranking.crop_selected` and
-   `finetune.submission.save_img4ranking`: `img4ranking`, float32, MAT v5, same relative path and
+3. the RSS image of the model's multi-coil k-space goes through `challenge.ranking.crop_selected` and
+   `challenge.submission.save_img4ranking`: `img4ranking`, float32, MAT v5, same relative path and
    file name under `out`, written under a temporary name and renamed (§6.4).
 
 Only the slices and frames img4ranking scores are reconstructed unless `full_volumes` is set; then
@@ -56,9 +56,9 @@ import torch
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from finetune.ranking import crop_selected, select_frames, select_slices
+from challenge.ranking import crop_selected, select_frames, select_slices
 from finetune.settings import ReconstructConfig
-from finetune.submission import SubmissionError, mask_path, parse_kus_path, save_img4ranking
+from challenge.submission import SubmissionError, mask_path, parse_kus_path, save_img4ranking
 from launch.cli import ConfigError, dump_config, parse_args
 from launch.outputs import EXIT_SKIPPED, EXIT_USAGE, OutputError, check_separate, replaced_tree, sibling
 from launch.trees import find_files
@@ -68,7 +68,7 @@ from models.fft import ifft2c
 from models.recon import ReconModel
 from pretrain.checkpoint import BACKBONE, CheckpointError, load_backbone
 from shards.layout import parse_scanner, view_of
-from shards.masks import PATTERNS_2025
+from challenge.masks import PATTERNS_2025
 from shards.matfile import MatFileError, is_fastmri, read_fastmri, read_kspace, read_mask, write_mat5
 from shards.normalise import kspace_scale
 

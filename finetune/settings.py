@@ -4,6 +4,7 @@
 - `ReconstructConfig` -> `python -m finetune.reconstruct` and `python -m finetune.classical`
   (the baselines write the same submission tree as the model, so they share its config)
 - `FinetuneConfig`    -> `python -m finetune.train` (one adapter) and `python -m finetune.bank`
+- `SubmissionConfig`  -> `python -m finetune.submission` (check and pack Submission.zip)
 
 Every field has a default so `launch.cli.load_config(Cls)` works without a file.
 """
@@ -35,12 +36,33 @@ class EvalConfig:
     # True: the official scorer's argument order (submission is the reference in the 4-D branch) and
     # its aggregation quirks; False: ground truth always the reference. Both variants go in per_file.csv.
     challenge_exact: bool = True
+    # Official scorers to reproduce, the first is the primary one (results.json, tables, figures):
+    # "val2025" (validation scorer), "test2025" (test-phase scorer: squeezes both arrays, 5-D branch).
+    scorers: list[str] = field(default_factory=lambda: ["val2025", "test2025"])
+    # The organisers' sheet mapping patients to centers, manufacturers and diseases (.xlsx or .csv,
+    # challenge.grouping); "" groups by folder (Center, Vendor).
+    mapping: str = ""
     # Only this task ("TaskR1", ...); "" scores every task found.
     task: str = ""
     # Number of cases drawn as image / error-map grids.
     n_cases: int = 3
     figures: bool = True
     progress: bool = True
+
+
+@dataclass
+class SubmissionConfig:
+    """Check a reconstruction tree and pack it into the archive the organisers accept."""
+
+    # Reconstruction tree (the `out` of finetune.reconstruct / finetune.classical).
+    tree: str = ""
+    # The validation input tree (UnderSample_<Task> kus files): every one must have its reconstruction,
+    # and nothing else may be packed. "" checks the files' format only.
+    input: str = ""
+    # Archive to write; "" = Submission.zip beside the tree. An existing archive is never replaced.
+    out: str = ""
+    # Only check and print the counts; write nothing.
+    check_only: bool = False
 
 
 @dataclass
@@ -93,7 +115,7 @@ class AdapterSpec:
     contrast: str = "cine"
     """Modality the adapter is for, matched case-insensitively against meta["modality"] ("cine" ~ "Cine")."""
     pattern: str = "ktRadial"
-    """Sampling pattern (shards.masks family) of the retrospective masks it trains on."""
+    """Sampling pattern (challenge.masks family) of the retrospective masks it trains on."""
     rank: int = 8
     """LoRA rank r."""
     alpha: float = 16.0

@@ -50,7 +50,7 @@ from models.sizes import build_model
 from launch.outputs import FolderLock, publish_dir, remove_stale_staging, staging_path, write_atomic
 from pretrain.checkpoint import MODEL_CONFIG, discard_incomplete, load_backbone, lock_dir, write_backbone
 from shards.loader import make_loader, resolve_shards
-from shards.masks import PATTERNS_2025
+from challenge.masks import PATTERNS_2025
 from shards.sample import member_key
 
 

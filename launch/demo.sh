@@ -16,6 +16,8 @@
 #   CMRFM_FINETUNE_STEPS   steps per adapter (default 30)      CMRFM_FINETUNE_RANKS  accelerate processes (default 2)
 #   CMRFM_CONTRASTS        contrasts that get adapters (default cine,lge: those of the validation tree)
 #   CMRFM_BASELINES        baseline trees beside cmrfm (default zero_filled,sense)
+#   CMRFM_INIT             weights pretraining starts from (default launch/weights/demo_tiny, the shipped
+#                          backbone made by launch/demo_backbone.sh; "none" = a random init)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source launch/venv.sh
@@ -30,6 +32,7 @@ finetune_steps="${CMRFM_FINETUNE_STEPS:-30}"
 finetune_ranks="${CMRFM_FINETUNE_RANKS:-2}"
 contrasts="${CMRFM_CONTRASTS:-cine,lge}"
 baselines="${CMRFM_BASELINES:-zero_filled,sense}"
+init="${CMRFM_INIT:-launch/weights/demo_tiny}"
 mkdir -p "$out"
 start=$SECONDS
 stage() { echo; echo "[demo $((SECONDS - start))s] $*"; }
@@ -46,6 +49,10 @@ fi
 stage "3/6 self-supervised pretraining, $pretrain_ranks rank(s), $pretrain_steps steps -> $out/pretrain"
 pretrain_args=(--config configs/pretrain_tiny.toml --set "data.shards=$shards" --set "log.eval_shards=$shards"
                --set "run.dir=$out/pretrain" --set "run.steps=$pretrain_steps")
+if [ "$init" != "none" ] && [ -f "$init/backbone.safetensors" ]; then
+    echo "  starting from $init (made by launch/demo_backbone.sh; CMRFM_INIT=none for a random init)"
+    pretrain_args+=(--set "run.init=$init")
+fi
 # a free rendezvous port: the default 29500 may be taken by another run on this machine
 port="${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 if [ "$pretrain_ranks" -gt 1 ]; then

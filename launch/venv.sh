@@ -12,7 +12,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel
     # torch first: deepspeed's sdist build imports it.
     "$venv/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-    "$venv/bin/python" -m pip install -q -e "$root[dev]"
+    "$venv/bin/python" -m pip install -q -e "$root[dev,bench]"
+    # fastMRI's VarNet is a peer model in bench/quality.py only, not a pipeline dependency; --no-deps
+    # keeps out pytorch-lightning and torchmetrics, which the model code never imports.
+    "$venv/bin/python" -m pip install -q --no-deps "fastmri==0.3.0"
     echo "$want" > "$stamp"
 fi
 # shellcheck disable=SC1091

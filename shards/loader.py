@@ -66,7 +66,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.manifest import MANIFEST_NAME, Manifest
-from shards.masks import ACCELERATIONS_2025, PATTERNS_2025, make_mask
+from challenge.masks import ACCELERATIONS_2025, PATTERNS_2025, make_mask
 from shards.normalise import kspace_scale
 from shards.sample import SCHEMA_VERSION, Sample
 

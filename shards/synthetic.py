@@ -46,7 +46,7 @@ from tqdm import tqdm
 from launch.cli import config_differences, config_to_dict, dump_config, load_config, parse_args
 from launch.outputs import FolderLock, write_atomic
 from shards.fft import fft2c, ifft2c
-from shards.masks import ACCELERATIONS_2025, ACS_2024, PATTERNS_2025, effective_acceleration, make_mask, mask_name
+from challenge.masks import ACCELERATIONS_2025, ACS_2024, PATTERNS_2025, effective_acceleration, make_mask, mask_name
 from shards.matfile import write_fastmri, write_mat5, write_mat73
 from shards.phantom import coil_maps, frames_for, is_four_d, random_anatomy, render_images
 

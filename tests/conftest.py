@@ -81,7 +81,7 @@ class TreeBuilder:
         return path
 
     def train_file(self, mod: str, center: str, scanner: str, patient: str, file: str, arr, masks=(), v5=False) -> Path:
-        from shards.masks import make_mask
+        from challenge.masks import make_mask
 
         base = self.TRAIN.format(mod=mod)
         p = self.write(f"{base}/FullSample/{center}/{scanner}/{patient}/{file}.mat", "kspace", arr, v5)
@@ -93,7 +93,7 @@ class TreeBuilder:
 
     def val_file(self, task: str, mod: str, center: str, scanner: str, patient: str, file: str, arr,
                  pattern: str = "ktGaussian", R: int = 8, reference: bool = True, mask=None) -> Path:
-        from shards.masks import make_mask
+        from challenge.masks import make_mask
 
         base = self.VAL.format(task=task, mod=mod)
         nt, _, _, ny, nx = arr.shape

@@ -7,8 +7,8 @@ import pytest
 import sigpy as sp
 
 from finetune.classical import espirit_maps, l1_wavelet, reconstruct_slice, sense, zero_filled
-from finetune.metrics import score_file
-from finetune.ranking import crop_selected
+from challenge.metrics import score_file
+from challenge.ranking import crop_selected
 from shards.fft import ifft2c
 from finetune.settings import ClassicalConfig
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import scipy.io
 
-from finetune.ranking import ranking_shape
-from finetune.submission import parse_kus_path
+from challenge.ranking import ranking_shape
+from challenge.submission import parse_kus_path
 from shards.matfile import read_kspace
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,6 +23,7 @@ ENTRY_POINTS = [
     ["-m", "finetune.bank"],
     ["-m", "finetune.reconstruct"],
     ["-m", "finetune.evaluate"],
+    ["-m", "finetune.submission"],
 ]
 
 

@@ -14,9 +14,9 @@ import scipy.io
 
 from finetune import evaluate
 from finetune.classical import reconstruct_tree
-from finetune.ranking import img4ranking_from_kspace
+from challenge.ranking import img4ranking_from_kspace
 from finetune.settings import ClassicalConfig, ReconstructConfig
-from finetune.submission import (
+from challenge.submission import (
     SubmissionError, load_img4ranking, mask_path, parse_kus_path, parse_reference_path, save_img4ranking,
     submission_path,
 )
@@ -204,7 +204,8 @@ def test_evaluate_end_to_end(tmp_path: Path) -> None:
     assert res["Mean_of_all_centers_PSNR_adj"] == pytest.approx((psnr["cine_sax"] + psnr["cine_lax_4ch"]) / 4, abs=2e-4)
     allres = json.loads((out / "results_all.json").read_text())
     assert set(allres) == {"cmrfm", "zero_filled", "classical"}
-    assert allres["zero_filled"]["TaskR1"]["challenge_exact"]["Num_Files"] == "4/4"
+    assert allres["zero_filled"]["TaskR1"]["val2025"]["Num_Files"] == "4/4"
+    assert set(allres["zero_filled"]["TaskR1"]) == {"val2025", "test2025", "clean"}
 
     groups = _read_csv(out / "per_center_vendor.csv")
     assert {(g["method"], g["center"]) for g in groups} >= {("classical", "Center001"), ("cmrfm", "Center002")}

@@ -1,10 +1,12 @@
 """Imports flow one way, as the data does (docs/style.md §11.2), checked with `ast`.
 
-    launch.cli, launch.outputs, launch.trees : stdlib (+ tomli_w)
-    shards      -> launch.cli                          never models / pretrain / finetune / deepspeed / torch.distributed
+    launch.cli, launch.outputs, launch.trees : stdlib (+ tomli_w): every stage may import them
+    shards.fft  : numpy only (the FFT convention, a leaf every package may use)
+    challenge   -> shards.fft                          the organisers' definitions: nothing else of ours
+    shards      -> launch.cli, launch.outputs, launch.trees, challenge    never models / pretrain / finetune / deepspeed / torch.distributed
     models      -> torch, timm, einops, numpy          never shards / pretrain / finetune / deepspeed / torch.distributed
     pretrain    -> shards, models, launch.cli          only pretrain/engine.py imports deepspeed
-    finetune    -> shards, models, pretrain.checkpoint, launch.cli    never deepspeed
+    finetune    -> shards, models, challenge, pretrain.checkpoint, launch.cli    never deepspeed
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = {"shards", "models", "pretrain", "finetune", "launch"}
+PROJECT = {"shards", "models", "pretrain", "finetune", "launch", "challenge"}
 SHARED = {"cli.py", "outputs.py", "trees.py"}   # launch/ modules every stage may import
 _SHARED_MODULES = {"launch.cli", "launch.outputs", "launch.trees"}
 
@@ -49,19 +51,22 @@ def forbidden(package: str, file: Path, module: str) -> str | None:
         if top not in sys.stdlib_module_names and top not in {"tomli_w", "__future__"} \
                 and not any(module == m or module.startswith(m + ".") for m in _SHARED_MODULES):
             return f"launch/{file.name} is stdlib-only so that every stage can import it"
-    if package in {"shards", "models", "finetune"} and top == "deepspeed":
+    if package == "shards" and file.name == "fft.py" and top in PROJECT:
+        return "shards/fft.py is a leaf (numpy only): challenge/ imports it"
+    if package in {"shards", "models", "finetune", "challenge"} and top == "deepspeed":
         return f"{package}/ must not import deepspeed (only pretrain/engine.py does)"
-    if package in {"shards", "models"} and (module == "torch.distributed" or module.startswith("torch.distributed.")):
+    if package in {"shards", "models", "challenge"} and (module == "torch.distributed" or module.startswith("torch.distributed.")):
         return f"{package}/ must not import torch.distributed"
     if package == "pretrain" and top == "deepspeed" and file.name != "engine.py":
         return "only pretrain/engine.py imports deepspeed"
     if top in PROJECT and top != package:
         allowed = {
             "launch": set(),
-            "shards": _SHARED_MODULES,
+            "shards": {"challenge"} | _SHARED_MODULES,
+            "challenge": {"shards.fft"},
             "models": set(),
             "pretrain": {"shards", "models"} | _SHARED_MODULES,
-            "finetune": {"shards", "models", "pretrain.checkpoint"} | _SHARED_MODULES,
+            "finetune": {"shards", "models", "challenge", "pretrain.checkpoint"} | _SHARED_MODULES,
         }[package]
         if not any(module == a or module.startswith(a + ".") for a in allowed):
             return f"{package}/ may import only {sorted(allowed) or 'no other project package'}"
@@ -94,6 +99,14 @@ def test_the_checker_catches_violations(tmp_path: Path) -> None:
     ok.parent.mkdir()
     ok.write_text("import deepspeed\n")
     assert forbidden("pretrain", ok, "deepspeed") == "only pretrain/engine.py imports deepspeed"
+    rules = tmp_path / "challenge" / "metrics.py"
+    rules.parent.mkdir()
+    assert forbidden("challenge", rules, "shards.fft") is None
+    assert "challenge/ may import only" in (forbidden("challenge", rules, "shards.matfile") or "")
+    assert "challenge/ may import only" in (forbidden("challenge", rules, "finetune.evaluate") or "")
+    leaf = tmp_path / "shards" / "fft.py"
+    leaf.parent.mkdir()
+    assert "leaf" in (forbidden("shards", leaf, "challenge.masks") or "")
 
 
 def test_script_folders_do_not_shadow_modules() -> None:

@@ -1,4 +1,4 @@
-"""shards.masks against the official generators' rules (CMRxRecon2025 TaskAll/*.m, docs/cmrxrecon.md §5) and
+"""challenge.masks against the official generators' rules (CMRxRecon2025 TaskAll/*.m, docs/cmrxrecon.md §5) and
 against a real 2025 validation mask (NV-Raw2insights-MRI example, cine_lax_4ch_mask_ktRadial16.mat)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from shards.masks import (ACCELERATIONS_2025, PATTERNS_2025, effective_acceleration, make_mask, radial_spokes,
+from challenge.masks import (ACCELERATIONS_2025, PATTERNS_2025, effective_acceleration, make_mask, radial_spokes,
                           zpad_slice)
 
 
@@ -117,3 +117,45 @@ def test_mask_values_shapes_and_determinism(pattern: str) -> None:
 def test_unknown_pattern_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown mask pattern 'Radial'"):
         make_mask("Radial", 8, 1, 20, 20)
+
+
+def _kt_uniform_expected(nt: int, ny: int, R: int) -> set[tuple[int, int]]:
+    """(frame, line) samples of ktUniformSampling.m, worked out by hand from its index arithmetic.
+
+    The Toeplitz lattice L = frame * ny + line (column-major, 0-based). Even nt: unchanged. Odd nt: the
+    .m centres with nt/2 and un-centres with floor(nt/2), moving L to L - ny//2; for odd ny the line
+    ny//2 itself comes out at L - ny//2 + ny (ktdup's ind2xy on a half index); below 0 -> index 0;
+    past the last frame MATLAB errors (left out).
+    """
+    lines = {r for r in range(0, ny, R)}
+    frames = {f for f in range(0, nt, R)}
+    lattice = set()
+    for f in range(nt):
+        for r in range(ny):
+            if (r >= f and (r - f) in lines) or (r < f and (f - r) in frames):
+                lattice.add(f * ny + r)
+    out = set()
+    for L in lattice:
+        if nt % 2 == 0:
+            L2 = L
+        elif ny % 2 == 1 and L % ny == ny // 2:
+            L2 = L - ny // 2 + ny
+        else:
+            L2 = L - ny // 2
+        L2 = max(L2, 0)
+        if L2 < ny * nt:
+            out.add((L2 // ny, L2 % ny))
+    return out
+
+
+@pytest.mark.parametrize("nt", [3, 5, 9, 12, 10])
+@pytest.mark.parametrize("ny", [40, 41, 162])
+@pytest.mark.parametrize("R", [4, 8])
+def test_kt_uniform_follows_the_m_for_odd_nt(nt: int, ny: int, R: int) -> None:
+    m = make_mask("ktUniform", R, nt, ny, 6, acs=0)
+    got = {(int(t), int(r)) for t, r in zip(*np.nonzero(m[:, :, 0]))}
+    assert got == _kt_uniform_expected(nt, ny, R)
+    assert (m == m[:, :, :1]).all()  # every readout sample of a line
+    if nt % 2:  # the shifted lattice is not the plain one (what cmrfm built before)
+        plain = {(t, r) for t in range(nt) for r in range(ny) if (r - t) % R == 0 and r >= t}
+        assert len(got ^ plain) > 0.05 * len(plain)

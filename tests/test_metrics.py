@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from finetune.metrics import (
+from challenge.metrics import (
     FileScore, MetricError, image_metric_arrays, normalize_percentile, results_json, score_file, summarise_groups,
 )
 
@@ -52,8 +52,8 @@ def test_hand_computed_psnr_nmse_and_the_argument_order_quirk() -> None:
     assert c4.psnr == pytest.approx(gt_ref_psnr, abs=1e-6)
     assert c4.nmse == pytest.approx(0.25 / 400, rel=1e-5)
     # SSIM's data_range follows the same switch.
-    assert s4.ssim == pytest.approx(structural_similarity(rec, gt, data_range=np.float32(1.5)), abs=1e-12)
-    assert c4.ssim == pytest.approx(structural_similarity(gt, rec, data_range=np.float32(1.0)), abs=1e-12)
+    assert s4.ssim == pytest.approx(structural_similarity(rec, gt, data_range=1.5), abs=1e-12)
+    assert c4.ssim == pytest.approx(structural_similarity(gt, rec, data_range=1.0), abs=1e-12)
     assert s4.ssim != pytest.approx(c4.ssim)
 
 

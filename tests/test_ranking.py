@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from finetune.ranking import (
+from challenge.ranking import (
     crop_selected, crop_size, crop_start, img4ranking, img4ranking_from_kspace, matlab_round, matlab_round_div,
     modality_flags, ranking_shape, run4ranking, select_frames, select_slices,
 )

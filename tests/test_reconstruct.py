@@ -14,13 +14,13 @@ import scipy.io
 import torch
 
 from finetune.classical import zero_filled
-from finetune.ranking import crop_selected, ranking_shape, select_frames, select_slices
+from challenge.ranking import crop_selected, ranking_shape, select_frames, select_slices
 from finetune.reconstruct import ModelBank, infer_pattern, reconstruct_tree, run, window_frames
 from finetune.settings import ReconstructConfig
-from finetune.submission import parse_kus_path
+from challenge.submission import parse_kus_path
 from models.adapters import add_adapters, lora_layers, save_adapter
 from pretrain.checkpoint import load_backbone
-from shards.masks import make_mask
+from challenge.masks import make_mask
 from shards.matfile import mat_format, read_kspace, write_mat73
 
 
@@ -114,7 +114,7 @@ def test_plumbing_matches_zero_filling_with_a_pass_through_model(synthetic_root:
     inp, out = val_root(synthetic_root), tmp_path / "recon"
     reconstruct_tree(cfg_for(inp, out, bank), log=lambda m: None)
     from shards.matfile import read_mask
-    from finetune.submission import mask_path
+    from challenge.submission import mask_path
 
     for src in kus_files(inp):
         case = parse_kus_path(src)

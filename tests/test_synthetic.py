@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from launch.cli import load_config
-from shards.masks import ACCELERATIONS_2025, PATTERNS_2025
+from challenge.masks import ACCELERATIONS_2025, PATTERNS_2025
 from shards.matfile import read_kspace, read_mask
 from shards.synthetic import STEMS_2025, SyntheticConfig, main, write_corpus
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.masks import make_mask
+from challenge.masks import make_mask
 from shards.matfile import read_kspace, read_mask
 from shards.phantom import random_anatomy, render_images
 from shards.synthetic import REAL_SIZES, SyntheticConfig, acceleration_table, write_corpus

@@ -11,8 +11,9 @@ order (the .m files build MATLAB (nx, ny, nt)); ny is the phase encode, nx the r
 * ktRadial     called with R*0.6: floor(180/(0.6R)) spokes (37/18/12 for R 8/16/24), golden-angle
                offset 137.5 deg per frame, spokes drawn on a max(nx, ny) square (nearest-neighbour
                rotation of one row, as MATLAB imrotate 'crop') and centre-cropped; + ACS square.
-* ktUniform    (2024) sheared lattice toeplitz(every R-th PE line, every R-th frame); + ACS band
-               (exact for even nt; for odd nt the .m's index arithmetic breaks, the lattice is used).
+* ktUniform    (2024) sheared lattice toeplitz(every R-th PE line, every R-th frame); + ACS band;
+               for odd nt the .m's index arithmetic shifts the lattice by ny/2 in linear index, and
+               that is followed (see kt_uniform_mask).
 
 ACS: 20 lines / 20x20 (2025) or 16 (2024), placed by zpad: 0-based start n//2 - m//2, i.e.
 centred at (ny//2, nx//2) where the centred FFT puts DC.
@@ -162,6 +163,19 @@ def _imrotate_row(a: int, row: int, ang: float, nx: int, ny: int) -> np.ndarray:
     Returns the cropped (nx, ny) boolean image (MATLAB order). Multiples of 90 degrees are exact
     rot90 (as imrotate special-cases them); other angles use nearest-neighbour inverse mapping about
     the image centre ((a+1)/2, (a+1)/2), counter-clockwise for positive angles.
+
+    Ties at 45 and 135 degrees (modulo 90): there the inverse-mapped source coordinate of almost every
+    pixel along the spoke's edge is a half integer (k + 0.5, give or take one rounding error of the
+    float64 sin/cos), so nearest-neighbour rounding decides on which side of the ideal line the whole
+    spoke is drawn: a one-pixel diagonal shift (measured: 246 of 246 spoke pixels are such ties for
+    512 x 246, 204 of 204 for 448 x 204; none at the golden-angle offsets that are not multiples of
+    45 degrees). MATLAB `imrotate` decides these ties inside its own (closed) resampling code, which
+    cmrfm cannot run or read; cmrfm rounds the computed coordinate half away from zero (MATLAB's
+    `round`), so where the float error lands a tie at exactly k + 0.5 the spoke goes to k + 1. With
+    the challenge's golden-angle schedule (137.5 degrees per frame) such a spoke occurs for R = 8 in
+    frame 18, R = 16 in frames 2, 6, 10, ... and R = 24 in frames 0, 6, 12, ...; a one-pixel shift of
+    that spoke is the size of the possible difference, and it leaves the sampling density the adapters
+    are trained for unchanged.
     """
     r0 = a // 2 + math.ceil(-nx / 2)  # crop.m, 0-based start of the rows kept
     c0 = a // 2 + math.ceil(-ny / 2)
@@ -219,12 +233,18 @@ def kt_radial_mask(nt: int, ny: int, nx: int, R: float, acs: int = ACS_2025,
 
 
 def kt_uniform_mask(nt: int, ny: int, nx: int, R: int, acs: int = ACS_2024) -> np.ndarray:
-    """ktUniformSampling.m (2024): lattice toeplitz(PE lines 1:R:ny, frames 1:R:nt), + ACS band.
+    """ktUniformSampling.m (2024), index arithmetic and all: lattice toeplitz(PE lines 1:R:ny, frames
+    1:R:nt), sent through the .m's round trip to centred (ph, ti) coordinates and ktdup, + ACS band.
 
-    Frame t samples PE lines r with (r - t) % R == 0 (and the frame-lattice wrap of the Toeplitz
-    matrix above its diagonal). For even nt the .m's index round trip (ktdup, `floor(nt)/2`) maps
-    every sample to itself, which is what is built here. For odd nt the .m offsets samples by half a
-    frame and can index past its array (an error in MATLAB); the intended lattice is used instead.
+    For even nt the round trip maps every sample to itself: frame t samples the PE lines r with
+    (r - t) % R == 0 (and the frame-lattice wrap above the Toeplitz diagonal). For odd nt the .m
+    centres frames with `floor(nt)/2` (a half) but un-centres them with `floor(nt/2)`, so every sample
+    moves back by ny/2 in the column-major (ny, nt) linear index: lines r >= ny/2 move to line r - ny/2
+    of the same frame, lines r < ny/2 to line r + ny/2 of the previous frame, and the ones that fall
+    before the first frame all land on index 1 (line 0 of frame 0). That is what the organisers'
+    masks hold, so it is what is built here. For odd nt *and* odd ny the half-index positions are
+    rounded half away from zero as MATLAB's `round` does; where that points past the last frame the
+    .m stops with an index error, and cmrfm leaves those samples out.
     """
     ptmp = np.zeros(ny)
     ptmp[(_round_half_away(np.arange(1, ny + 1, R)) - 1).astype(int)] = 1
@@ -233,7 +253,25 @@ def kt_uniform_mask(nt: int, ny: int, nx: int, R: int, acs: int = ACS_2024) -> n
     i = np.arange(ny)[:, None]
     j = np.arange(nt)[None, :]
     top = np.where(i >= j, ptmp[np.clip(i - j, 0, ny - 1)], ttmp[np.clip(j - i, 0, nt - 1)])  # toeplitz
-    mask = np.repeat(top.T.astype(np.float32)[:, :, None], nx, axis=2)  # (nt, ny, nx)
+    ind = np.flatnonzero(top.T.ravel()).astype(np.float64) + 1  # MATLAB find: column-major, 1-based
+    # ktUniformSampling.m: centred coordinates (note floor(nt)/2, not floor(nt/2))
+    ph = np.mod(ind - 1, ny) - math.floor(ny / 2)
+    ti = np.floor((ind - 1) / ny) - nt / 2
+    # ktdup.m: to a linear index and back (pt is one-to-one in ind, so no duplicate is ever moved)
+    ph = ph + math.ceil((ny + 1) / 2)
+    ti = ti + math.ceil((nt + 1) / 2)
+    pt = (ti - 1) * ny + ph
+    x = pt - np.floor((pt - 1) / ny) * ny
+    y = np.ceil(pt / ny)
+    ph = x - math.ceil((ny + 1) / 2)
+    ti = y - math.ceil((nt + 1) / 2)
+    # back in ktUniformSampling.m
+    ind = _round_half_away(ny * (ti + math.floor(nt / 2)) + (ph + math.floor(ny / 2) + 1))
+    ind[ind <= 0] = 1
+    ind = ind[ind <= ny * nt].astype(np.int64)  # past the end: MATLAB errors (odd nt and odd ny only)
+    samp = np.zeros(ny * nt, dtype=np.float32)
+    samp[ind - 1] = 1
+    mask = np.repeat(samp.reshape(nt, ny)[:, :, None], nx, axis=2)  # column-major (ny, nt) -> (nt, ny, nx)
     _add_acs_band(mask, acs)
     return mask
 

@@ -113,7 +113,7 @@ def bench_adapter(work: Path, repeats: int) -> tuple[float, float]:
 def bench_tree(work: Path, files: int, repeats: int) -> tuple[float, float]:
     import numpy as np
 
-    from finetune.submission import save_img4ranking
+    from challenge.submission import save_img4ranking
     from launch.outputs import replaced_tree
 
     img = np.random.default_rng(0).random((60, 40, 2, 3)).astype(np.float32)

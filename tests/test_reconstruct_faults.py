@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from finetune.reconstruct import main
-from finetune.submission import parse_kus_path
+from challenge.submission import parse_kus_path
 from launch.outputs import EXIT_SKIPPED, EXIT_USAGE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,26 +9,36 @@ bytes so far (ties to the lower rank), so the split is deterministic and balance
 is reconstructed by exactly one rank, with the same code and the same batches as on one process,
 so the output tree does not depend on the number of ranks.
 
-Progress journal. After a rank has renamed an output into place it appends one JSON line (the
-file's outcome, the input file's size and time, and the run's fingerprint) to its own file in
-`<out parent>/.<out name>.journal/` and fsyncs it. A rerun with the same fingerprint (the
-configuration fields that change outputs, and the backbone and adapter files' sizes and times)
-treats a journalled input whose output exists and whose file is unchanged as done: a rank that died
-leaves its finished files and the journal lines for them; the rerun does the rest. A line cut by a kill does not parse and its input is simply redone. When every input was
-written, rank 0 removes the journal (a folder of this tool's own name, holding only its files); when
-some failed it stays, so that a rerun redoes only those.
+Staging and resume (launch.outputs' rules: nothing half-written is ever visible, a rerun leaves no
+output it did not write). Rank 0 locks `out` and prepares a staging folder beside it named after the
+run's fingerprint, `.<out name>.resume-<fingerprint>` (the configuration fields that change outputs,
+and the backbone and adapter files' sizes and times); every rank writes its outputs there; when all
+are done rank 0 writes the report and swaps the folder in for `out` in one step. A killed run leaves
+`out` untouched and its staging folder in place; a rerun of the same configuration finds it and
+resumes. Stagings of other configurations are removed (provably ours, and never to be resumed).
+
+Progress journal. After a rank has written an output it appends one JSON line (the file's
+outcome, the input file's size and time) to its own file in `<staging>/.journal/` and fsyncs it. An
+input counts as done when its line is there, its output exists and the input file is unchanged; any
+other output found in the staging folder is removed before its input is redone. A line cut by a
+kill does not parse and its input is simply redone. The journal is removed before the swap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-JOURNAL_SUFFIX = ".journal"
+import torch.distributed as tdist
+
+from launch.outputs import FolderLock, OutputError, publish_dir, remove_stale_staging
+
+JOURNAL = ".journal"
 
 
 def share(paths: list[Path], rank: int, world: int) -> list[Path]:
@@ -57,17 +67,14 @@ def fingerprint(settings: dict[str, Any], backbone: str, adapters: str) -> str:
 
 
 class Journal:
-    """The progress journal of one output tree (module doc)."""
+    """The progress journal inside a staging folder (module doc)."""
 
-    def __init__(self, out: str | os.PathLike, fingerprint: str, rank: int, world: int) -> None:
-        out = Path(out).resolve()
-        self.folder = out.parent / f".{out.name}{JOURNAL_SUFFIX}"
-        self.fingerprint = fingerprint
+    def __init__(self, stage: str | os.PathLike, rank: int, world: int) -> None:
+        self.folder = Path(stage) / JOURNAL
         self.file = self.folder / f"rank{rank}-of-{world}.jsonl"
 
     def done(self) -> dict[str, dict[str, Any]]:
-        """input path -> outcome of every input journalled by a run with this fingerprint, whose input
-        file has not changed since (size and modification time)."""
+        """input path -> outcome of every journalled input whose file has not changed since."""
         out: dict[str, dict[str, Any]] = {}
         if not self.folder.is_dir():
             return out
@@ -75,27 +82,71 @@ class Journal:
             for line in f.read_text(errors="replace").splitlines():
                 try:
                     entry = json.loads(line)
-                except ValueError:
+                    path = entry["outcome"]["path"]
+                except (ValueError, KeyError, TypeError):
                     continue                      # a line cut by a kill: that input is redone
-                if isinstance(entry, dict) and entry.get("fingerprint") == self.fingerprint \
-                        and entry.get("input") == _stat(entry["outcome"]["path"]):
-                    out[entry["outcome"]["path"]] = entry["outcome"]
+                if entry.get("input") == _stat(path):
+                    out[path] = entry["outcome"]
         return out
 
     def record(self, outcome: dict[str, Any]) -> None:
-        """Append one finished input (its output already renamed into place), durably."""
+        """Append one finished input (its output already written), durably."""
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.file, "a") as f:
-            f.write(json.dumps({"fingerprint": self.fingerprint, "input": _stat(outcome["path"]),
-                                "outcome": outcome}) + "\n")
+            f.write(json.dumps({"input": _stat(outcome["path"]), "outcome": outcome}) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def remove(self) -> None:
-        """The tree is complete: drop the journal (only our own rank*.jsonl files; the folder if then empty)."""
+        """Drop the journal (only our own rank*.jsonl files; the folder if then empty)."""
         if not self.folder.is_dir():
             return
         for f in self.folder.glob("rank*-of-*.jsonl"):
             f.unlink()
         if not any(self.folder.iterdir()):
-            shutil.rmtree(self.folder)
+            self.folder.rmdir()
+
+
+def _from_rank0(value: Any, world: int) -> Any:
+    if world == 1:
+        return value
+    box = [value]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def shared_stage(final: str | os.PathLike, marker: str, fp: str, rank: int, world: int) -> Iterator[Path]:
+    """The staging folder every rank writes into; swapped in for `final` by rank 0 when the block
+    ends on every rank. Kept when the block raises, for a rerun of the same configuration."""
+    final = Path(final)
+    stage = final.parent / f".{final.name}.resume-{fp}"
+    lock, problem = None, None
+    if rank == 0:
+        try:
+            lock = FolderLock(final).acquire()
+            if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not (final / marker).is_file())):
+                raise OutputError(f"out {final} exists and is not an output of this stage (no {marker}): refusing "
+                                  f"to replace it; choose a new folder or remove it yourself")
+            remove_stale_staging(final)
+            for other in final.parent.glob(f".{final.name}.resume-*"):
+                if other != stage and other.is_dir():
+                    shutil.rmtree(other)          # another configuration's staging: never resumed
+            stage.mkdir(parents=True, exist_ok=True)
+        except (OutputError, OSError) as exc:
+            problem = str(exc)
+    problem = _from_rank0(problem, world)
+    try:
+        if problem:
+            raise OutputError(problem)
+        yield stage
+        if world > 1:
+            tdist.barrier()
+        if rank == 0:
+            Journal(stage, 0, 1).remove()
+            publish_dir(stage, final)
+        if world > 1:
+            tdist.barrier()
+    finally:
+        if lock is not None:
+            lock.release()

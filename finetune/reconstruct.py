@@ -24,13 +24,26 @@ scorer rejects extra files). A fastMRI folder (`*.h5` with a complex `kspace`) g
 name>.h5` holding `reconstruction` (slices, readout, phase) float32, fastMRI's orientation.
 
 `methods` adds baselines side by side: `zero_filled`, `sense`, `l1_wavelet` (finetune.classical)
-write the same tree to `<out>_<method>`. Bad input (no mask, unknown contrast or pattern, a shape
-the model cannot take, a missing or broken adapter) gets one message naming the file; the rest of
-the folder is still processed; the messages are also in `<out>/reconstruct_report.json`.
+write the same tree to `<out>_<method>`, a sibling of the resolved `out` (never inside it). Bad input
+(no mask, unknown contrast or pattern, a shape the model cannot take, a missing or broken adapter)
+gets one message naming the file; the rest of the folder is still processed; the messages are also
+in `<out>/reconstruct_report.json`.
+
+Safety (docs/design.md §4): the whole config is checked before any work (input present and holding
+inputs, backbone readable, method names known, no output equal to, inside or containing the input);
+a user error ends in one line and exit status 2. Each output tree is written under a staging name
+and swapped in whole (finetune.rank_share.shared_stage, launch.outputs' rules), so a re-run leaves no
+file it did not write and a killed run leaves the previous tree untouched; a rerun of the same
+configuration resumes the killed run's staging folder. Exit status 3 (EXIT_SKIPPED) when any input
+was skipped, including entries of the input tree that could not be walked (broken links).
+
+Several processes (torchrun, srun: launch/reconstruct.sbatch) split the files between them
+(finetune.rank_share); the tree is byte-identical to one process's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -39,7 +52,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
@@ -49,10 +62,12 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from challenge.ranking import crop_selected, select_frames, select_slices
-from finetune.rank_share import Journal, fingerprint, share
+from finetune.rank_share import Journal, fingerprint, share, shared_stage
 from finetune.settings import ReconstructConfig
 from challenge.submission import SubmissionError, mask_path, parse_kus_path, save_img4ranking
-from launch.cli import dump_config, parse_args
+from launch.cli import ConfigError, dump_config, parse_args
+from launch.outputs import EXIT_SKIPPED, EXIT_USAGE, OutputError, check_separate, sibling
+from launch.trees import find_files
 from models.adapters import load_adapter, merge_adapters
 from models.coils import rss
 from models.fft import ifft2c
@@ -70,6 +85,9 @@ KNOWN_CONTRASTS = ("cine", "lge", "mapping", "t1rho", "t1w", "t2w", "blackblood"
 KNOWN_PATTERNS = PATTERNS_2025 + ("ktUniform",)
 #: smallest (ny, nx) reconstructed: img4ranking keeps ny/2 x nx/3 and the scorer's SSIM needs 7 x 7.
 MIN_MATRIX = (14, 21)
+CLASSICAL_METHODS = ("zero_filled", "sense", "l1_wavelet")
+METHODS = ("cmrfm",) + CLASSICAL_METHODS
+REPORT = "reconstruct_report.json"
 
 
 class ReconstructError(ValueError):
@@ -287,12 +305,14 @@ def reconstruct_fastmri(path: Path, bank: ModelBank, cfg: ReconstructConfig, tar
 # ---- the folder ----------------------------------------------------------------------------------
 
 
-def find_inputs(root: Path, task: str = "") -> tuple[list[Path], list[Path]]:
-    """(kus .mat files under UnderSample_* folders, fastMRI .h5 files) below `root`, sorted."""
-    kus = sorted(p for p in root.rglob("*_kus_*.mat")
-                 if any(part.startswith("UnderSample_") for part in p.parts) and (not task or task in p.parts))
-    h5 = sorted(p for p in root.rglob("*.h5") if is_fastmri(p))
-    return kus, h5
+def find_inputs(root: Path, task: str = "") -> tuple[list[Path], list[Path], list[str]]:
+    """(kus .mat files under UnderSample_* folders, fastMRI .h5 files, entries that could not be walked)
+    below `root`, sorted; symlinked folders are followed (launch.trees)."""
+    mats, skipped = find_files(root, "*_kus_*.mat")
+    kus = [p for p in mats if any(part.startswith("UnderSample_") for part in p.parts)
+           and (not task or task in p.parts)]
+    h5s, more = find_files(root, "*.h5")
+    return kus, [p for p in h5s if is_fastmri(p)], skipped + [s for s in more if s not in skipped]
 
 
 def output_path(path: Path, root: Path, out: Path) -> Path:
@@ -313,91 +333,110 @@ def _join_ranks(cfg: ReconstructConfig) -> tuple[DistEnv, bool]:
     return dist, True
 
 
-def reconstruct_tree(cfg: ReconstructConfig, log: Callable[[str], None] | None = None) -> dict:
-    """Reconstruct every input under `cfg.input` into `cfg.out`; returns the report (also written).
+def reconstruct_tree(cfg: ReconstructConfig, log: Callable[[str], None] | None = None,
+                     inputs: tuple[list[Path], list[Path], list[str]] | None = None) -> dict:
+    """Reconstruct every input under `cfg.input` into `cfg.out` (staged, then swapped in whole);
+    returns the report (also written as `<out>/reconstruct_report.json`).
 
-    On several processes (torchrun, srun) each rank reconstructs its share of the inputs
-    (finetune.rank_share); rank 0 writes the one report. Inputs a previous run of the same
-    configuration finished (journal) are not redone."""
+    On several processes (torchrun, srun) each rank reconstructs its share of the inputs into one
+    shared staging folder (finetune.rank_share); rank 0 writes the one report and swaps the tree in.
+    Inputs an interrupted run of the same configuration finished are not redone."""
     dist, created = _join_ranks(cfg)
+    try:
+        return _reconstruct_ranks(cfg, dist, log, inputs)
+    finally:
+        if created:
+            tdist.destroy_process_group()
+
+
+def _reconstruct_ranks(cfg: ReconstructConfig, dist: DistEnv, log: Callable[[str], None] | None,
+                       inputs: tuple[list[Path], list[Path], list[str]] | None) -> dict:
     rank, world = dist.rank, dist.world_size
     tag = f"[reconstruct rank {rank}/{world}]" if world > 1 else "[reconstruct]"
     log = log or (lambda msg: print(f"{tag} {msg}", file=sys.stderr))
     root, out = Path(cfg.input), Path(cfg.out)
-    kus, h5 = find_inputs(root, cfg.task)
-    if not kus and not h5:
-        raise ReconstructError(root, "no *_kus_*.mat under UnderSample_<Task> folders and no fastMRI .h5 files")
-    inputs = kus + h5
+    kus, h5, skipped = inputs or validate(dataclasses.replace(cfg, methods=["cmrfm"]))
+    if rank == 0:
+        for entry in skipped:
+            log(f"skipped {entry}")
+    files = kus + h5
     settings = {k: getattr(cfg, k) for k in ("frames", "batch_size", "full_volumes", "task", "backbone", "adapters")}
     settings.update(input=str(root.resolve()), out=str(out.resolve()), device=cfg.device.split(":")[0])
-    journal = Journal(out, fingerprint(settings, cfg.backbone, cfg.adapters), rank, world)
-    done = {p: o for p, o in journal.done().items() if output_path(Path(p), root, out).is_file()}
-    if world > 1:
-        tdist.barrier()                # every rank has read the journal before anyone appends to it
-    mine = share([p for p in inputs if str(p) not in done], rank, world)
-    if done:
-        log(f"resuming: {len(done)} of {len(inputs)} files were written by an interrupted run of this configuration")
+    fp = fingerprint(settings, cfg.backbone, cfg.adapters)
     device = torch.device(dist.device if cfg.device.startswith("cuda") and world > 1 else cfg.device)
     bank = ModelBank(cfg.backbone, cfg.adapters, device)
-    outcomes: list[FileOutcome] = []
-    t0, n_slices = time.perf_counter(), 0
-    bar = tqdm(mine, desc=f"reconstruct {rank}/{world}" if world > 1 else "reconstruct", unit="file",
-               disable=not cfg.progress, position=rank)
-    for path in bar:
-        try:
-            if path.suffix == ".h5":
-                outcome = reconstruct_fastmri(path, bank, cfg, output_path(path, root, out))
-            else:
-                outcome, ranked, volume = reconstruct_file(path, bank, cfg)
-                save_img4ranking(output_path(path, root, out), ranked)
-                if volume is not None:
-                    write_volume(Path(f"{out}_volumes") / output_path(path, root, out).relative_to(out), volume)
-            journal.record(dataclasses.asdict(outcome))
-        except (ReconstructError, SubmissionError, MatFileError, ValueError, OSError) as exc:
-            outcome = FileOutcome(str(path), error=str(exc) if str(path) in str(exc) else f"{path}: {exc}")
-            log(f"skipped {outcome.error}")
-        for note in outcome.notes:
-            log(note)
-        outcomes.append(outcome)
-        n_slices += outcome.slices
-        bar.set_postfix(slices_per_s=f"{n_slices / max(time.perf_counter() - t0, 1e-9):.2f}")
-    seconds = time.perf_counter() - t0
-    mine_stats = {"rank": rank, "files": len(outcomes), "slices": n_slices, "seconds": round(seconds, 2),
-                  "slices_per_s": round(n_slices / max(seconds, 1e-9), 3)}
-    if world > 1:
-        log(f"{len(outcomes)} files, {n_slices} slices in {seconds:.1f} s: {mine_stats['slices_per_s']:.2f} slices/s")
-    gathered: list = [None] * world
-    if world > 1:
-        tdist.all_gather_object(gathered, ([dataclasses.asdict(o) for o in outcomes], mine_stats))
-    else:
-        gathered = [([dataclasses.asdict(o) for o in outcomes], mine_stats)]
-    by_path = {**done, **{o["path"]: o for got, _ in gathered for o in got}}
-    merged = [FileOutcome(**by_path[str(p)]) for p in inputs if str(p) in by_path]
-    ranks = [stats for _, stats in gathered]
-    new_slices, wall = sum(r["slices"] for r in ranks), max(r["seconds"] for r in ranks)
-    report = {"input": str(root), "out": str(out), "files": len(merged),
-              "written": sum(1 for o in merged if not o.error), "errors": [o.error for o in merged if o.error],
-              "slices": sum(o.slices for o in merged), "seconds": round(wall, 2),
-              "resumed": len(done), "ranks": ranks,
-              "adapters": {o.path: o.adapter for o in merged if not o.error},
-              "notes": [n for o in merged for n in o.notes]}
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "reconstruct_report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, out / "reconstruct_report.json")
-        if not report["errors"]:
-            journal.remove()
+    volumes = sibling(out, "_volumes")
+    with shared_stage(out, REPORT, fp, rank, world) as stage, \
+            (shared_stage(volumes, REPORT, fp, rank, world) if cfg.full_volumes else _no_tree()) as vstage:
+        journal = Journal(stage, rank, world)
+        done = {p: o for p, o in journal.done().items() if output_path(Path(p), root, stage).is_file()}
+        if world > 1:
+            tdist.barrier()            # every rank has read the journal before anyone appends to it
+        if rank == 0:
+            dump_config(cfg, stage / "reconstruct_config.toml")
+            if done:
+                log(f"resuming: {len(done)} of {len(files)} files were written by an interrupted run of this "
+                    f"configuration ({stage})")
+        mine = share([p for p in files if str(p) not in done], rank, world)
+        outcomes: list[FileOutcome] = []
+        t0, n_slices = time.perf_counter(), 0
+        bar = tqdm(mine, desc=f"reconstruct {rank}/{world}" if world > 1 else "reconstruct", unit="file",
+                   disable=not cfg.progress, position=rank)
+        for path in bar:
+            target = output_path(path, root, stage)
+            target.unlink(missing_ok=True)     # an output of ours the journal does not vouch for
+            try:
+                if path.suffix == ".h5":
+                    outcome = reconstruct_fastmri(path, bank, cfg, target)
+                else:
+                    outcome, ranked, volume = reconstruct_file(path, bank, cfg)
+                    save_img4ranking(target, ranked)
+                    if volume is not None:
+                        write_volume(output_path(path, root, vstage), volume)
+                journal.record(dataclasses.asdict(outcome))
+            except (ReconstructError, SubmissionError, MatFileError, ValueError, OSError) as exc:
+                outcome = FileOutcome(str(path), error=str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+                log(f"skipped {outcome.error}")
+            for note in outcome.notes:
+                log(note)
+            outcomes.append(outcome)
+            n_slices += outcome.slices
+            bar.set_postfix(slices_per_s=f"{n_slices / max(time.perf_counter() - t0, 1e-9):.2f}")
+        seconds = time.perf_counter() - t0
+        mine_stats = {"rank": rank, "files": len(outcomes), "slices": n_slices, "seconds": round(seconds, 2),
+                      "slices_per_s": round(n_slices / max(seconds, 1e-9), 3)}
+        if world > 1:
+            log(f"{len(outcomes)} files, {n_slices} slices in {seconds:.1f} s: {mine_stats['slices_per_s']:.2f} slices/s")
+            gathered: list = [None] * world
+            tdist.all_gather_object(gathered, ([dataclasses.asdict(o) for o in outcomes], mine_stats))
         else:
-            log(f"kept the progress journal {journal.folder}: rerunning the same command redoes only the "
-                f"{len(report['errors'])} file(s) that failed")
+            gathered = [([dataclasses.asdict(o) for o in outcomes], mine_stats)]
+        by_path = {**done, **{o["path"]: o for got, _ in gathered for o in got}}
+        merged = [FileOutcome(**by_path[str(p)]) for p in files if str(p) in by_path]
+        ranks = [stats for _, stats in gathered]
+        new_slices, wall = sum(r["slices"] for r in ranks), max(r["seconds"] for r in ranks)
+        report = {"input": str(root), "out": str(out), "files": len(merged),
+                  "written": sum(1 for o in merged if not o.error),
+                  "errors": [o.error for o in merged if o.error] + [f"{s} (input tree)" for s in skipped],
+                  "slices": sum(o.slices for o in merged), "seconds": round(wall, 2),
+                  "resumed": len(done), "ranks": ranks,
+                  "adapters": {o.path: o.adapter for o in merged if not o.error},
+                  "notes": [n for o in merged for n in o.notes]}
+        if rank == 0:
+            text = json.dumps(report, indent=2) + "\n"
+            (stage / REPORT).write_text(text)
+            if vstage is not None:
+                (vstage / REPORT).write_text(text)
+    if rank == 0:
         log(f"wrote {report['written']}/{report['files']} files to {out} ({new_slices} slices on {world} rank(s), "
             f"{new_slices / max(wall, 1e-9):.2f} slices/s in total); {len(report['errors'])} error(s)")
-    if world > 1:
-        tdist.barrier()
-    if created:
-        tdist.destroy_process_group()
     return report
+    return report
+
+
+@contextlib.contextmanager
+def _no_tree() -> Iterator[None]:
+    yield None
 
 
 def write_volume(path: Path, volume: np.ndarray) -> None:
@@ -407,36 +446,36 @@ def write_volume(path: Path, volume: np.ndarray) -> None:
 
 
 def run(cfg: ReconstructConfig) -> dict[str, dict]:
-    """Every method of `cfg.methods`: "cmrfm" -> `out`, a classical baseline m -> `<out>_<m>`."""
+    """Every method of `cfg.methods` ("cmrfm" -> `out`, a classical baseline m -> `<out>_<m>`), after
+    the whole config was validated (nothing is written when it is not)."""
     from finetune.classical import reconstruct_tree as classical_tree
 
+    inputs = validate(cfg)
     reports: dict[str, dict] = {}
-    for method in cfg.methods:
+    for method, folder in output_dirs(cfg).items():
         if method == "cmrfm":
-            reports[method] = reconstruct_tree(cfg)
-        elif method in ("zero_filled", "sense", "l1_wavelet"):
-            sub = dataclasses.replace(cfg, out=f"{cfg.out}_{method}",
-                                      classical=dataclasses.replace(cfg.classical, method=method))
+            reports[method] = reconstruct_tree(cfg, inputs=inputs)
+        else:
+            sub = dataclasses.replace(cfg, out=str(folder), classical=dataclasses.replace(cfg.classical, method=method))
             if read_dist_env().rank > 0:     # several ranks: the baselines are not split; rank 0 writes them
                 reports[method] = {"out": sub.out, "errors": []}
                 continue
-            problems = classical_tree(sub)
-            reports[method] = {"out": sub.out, "errors": problems}
-        else:
-            raise ValueError(f"methods: unknown method {method!r}; expected cmrfm, zero_filled, sense or l1_wavelet")
+            reports[method] = {"out": sub.out, "errors": classical_tree(sub, inputs[0], inputs[2])}
     return reports
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 every input written; 3 (EXIT_SKIPPED) finished, but inputs were skipped (each
+    named in the log and the report); 2 (EXIT_USAGE) a config or path error, before any work."""
     cfg = parse_args(ReconstructConfig, argv, description="reconstruct a challenge folder into a submission tree")
-    if not cfg.input:
-        print("set input=<validation-style tree>", file=sys.stderr)
-        return 2
-    dump_config(cfg, Path(cfg.out) / "reconstruct_config.toml")
-    reports = run(cfg)
+    try:
+        reports = run(cfg)
+    except (ReconstructError, OutputError, ConfigError, CheckpointError) as exc:
+        print(f"reconstruct: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     for method, rep in reports.items():
         print(f"{method}: {rep['out']} ({len(rep['errors'])} error(s))")
-    return 0
+    return EXIT_SKIPPED if any(rep["errors"] for rep in reports.values()) else 0
 
 
 if __name__ == "__main__":

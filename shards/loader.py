@@ -42,7 +42,10 @@ random draws -> same tensors) and starts the DataLoader workers rotated so that 
 continues with the right one: the restored loader yields exactly the batch the original would have.
 
 Bad data: a sample that fails to decode or process, and the unread rest of a truncated tar, is
-skipped with a warning naming __url__ and __key__ and counted (`loader.skipped`).
+skipped with a warning naming __url__ and __key__ and counted (`loader.skipped`). Bounded: a training
+stream that draws every one of its shards in a row without one usable sample raises ShardError naming
+them (tars gone under a valid manifest, every sample refused) instead of looping forever. Shards a
+manifest lists that are not on disk are named when the loader is built (all gone: an error).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ from challenge.masks import ACCELERATIONS_2025, PATTERNS_2025, make_mask
 from shards.mix import MixPlan, MixSource, plan_mix
 from shards.normalise import kspace_scale
 from shards.sample import META_MEMBER, Sample
-from shards.select import Selection, matches, shard_entries
+from shards.select import MAKE_SHARDS, Selection, ShardError, matches, shard_entries  # noqa: F401 (re-exported)
 
 # Backstop only: this module never calls webdataset's default decoders (which unpickle .pyd/.pkl).
 os.environ.setdefault("WDS_SECURE", "1")
@@ -286,6 +289,7 @@ class _Stream:
         self.pending = [tuple(p) for p in state["pending"]]
         self.skipped = int(state["skipped"])
         self.done = bool(state["done"])
+        self.fruitless: list[str] = []   # shards drawn in a row that gave no usable sample (bounded)
 
     def state(self, pending: list[tuple[int, int]]) -> dict:
         return {"next": list(self.next), "pending": [list(p) for p in pending], "skipped": self.skipped,
@@ -322,13 +326,28 @@ class _Stream:
         mixing = self.train and not self.mix.trivial
         if not select and not mixing:
             return None
-        seed = self.cfg.seed
-        return lambda off, meta: matches(meta, select) and (
-            not mixing or self.mix.accept(shard, meta, [seed, epoch, shard, off]))
+
+        def keep(off: int, meta: dict) -> bool:
+            if not matches(meta, select):
+                return False
+            if not mixing or self.mix.accept(shard, meta, [self.cfg.seed, epoch, shard, off]):
+                return True
+            # a readable, selected sample the mix passed over: this shard is not what the bounded
+            # failure check looks for (unreadable or refused), however many such draws come in a row
+            self.fruitless.clear()
+            return False
+
+        return keep
 
     def tar(self, shards: Iterator[tuple[int, int, int]]) -> Iterator[tuple[tuple[int, int], str, dict]]:
         for d, epoch, shard in shards:
             url, key = self.urls[shard], "(start of shard)"
+            if self.train and len(self.fruitless) >= max(self.plan.per_epoch(self.worker), 1):
+                # every shard of this worker tried in a row, nothing usable: an endless loop otherwise
+                raise ShardError(f"worker {self.worker}: no usable sample in {len(self.fruitless)} shards in a row "
+                                 f"({', '.join(sorted(set(self.fruitless))[:8])}); {self.skipped} samples skipped: "
+                                 f"every shard this rank reads is unreadable or refused")
+            self.fruitless.append(url)
             start = self.next[1] if d == self.next[0] else 0
             try:
                 for off, key, files in _raw_samples(url, start, self._keep(epoch, shard)):
@@ -412,7 +431,9 @@ class _Stream:
     def _prepare_one(self, pos: tuple[int, int], sample: Sample) -> dict | None:
         epoch, shard = self.plan.draw(self.worker, pos[0])
         try:
-            return prepare(sample, self._rng(epoch, shard, pos[1]), self.cfg, self.train)
+            example = prepare(sample, self._rng(epoch, shard, pos[1]), self.cfg, self.train)
+            self.fruitless.clear()
+            return example
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             self._skip(sample.extra["__url__"], sample.key, exc)
             return None

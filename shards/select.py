@@ -56,26 +56,48 @@ def selected_samples(entry: ShardEntry, select: Selection) -> int | None:
     return sum(int(s["samples"]) for s in entry.strata if matches(s, select))
 
 
+#: what to run when the shards a config names are not there (the README's fresh-clone path)
+MAKE_SHARDS = ("python -m shards.synthetic --set out=data/synthetic && "
+               "python -m shards.convert --set input=data/synthetic --set out=out/shards")
+
+
+class ShardError(ValueError):
+    """Shards that are missing, unreadable or yield no usable sample; the message names them."""
+
+
 def shard_entries(spec: str, split: str, select: Selection | None = None) -> list[tuple[str, ShardEntry | None]]:
     """(path, manifest entry) of the shards to read: the manifest's list for `split` (a directory),
     or a brace pattern / glob (entries None: no manifest).
 
+    A path that does not exist, a pattern that matches nothing, and a manifest whose shards are all
+    gone are errors that say so (and how shards are made); some shards gone is a warning naming them.
     With a selection, a directory's shards whose strata hold no selected sample are left out (a
     pattern has no manifest: every shard stays, and the samples are filtered as they stream)."""
     path = Path(spec)
     if select:
         check_selection(select)
     if not path.is_dir():
-        urls = sorted({u for pat in braceexpand.braceexpand(spec) for u in (glob.glob(pat) or [pat])})
+        if not any(c in spec for c in "*?[{"):
+            raise ShardError(f"{spec}: does not exist. Shards are made by: {MAKE_SHARDS} "
+                             f"(or set data.shards to a converted folder)")
+        urls = sorted({u for pat in braceexpand.braceexpand(spec) for u in glob.glob(pat)})
         if not urls:
-            raise ValueError(f"{spec}: no shards (split {split!r})")
+            raise ShardError(f"{spec}: the pattern matches no file")
         return [(u, None) for u in urls]
     manifest = Manifest.read(path)
     if manifest.schema_version != SCHEMA_VERSION:
         raise ValueError(f"{path / MANIFEST_NAME}: schema {manifest.schema_version}, reader is {SCHEMA_VERSION}")
     entries = [e for e in manifest.shards if e.split == split]
+    gone = [e for e in entries if not (path / e.name).is_file()]
+    if gone and len(gone) == len(entries):
+        raise ShardError(f"{path / MANIFEST_NAME} lists {len(entries)} {split} shards and none is on disk "
+                         f"(e.g. {path / gone[0].name}); convert again: python -m shards.convert --set out={spec} ...")
+    if gone:
+        log.warning("%s: %d of %d listed %s shards are missing and will not be read: %s", path / MANIFEST_NAME,
+                    len(gone), len(entries), split, ", ".join(str(path / e.name) for e in gone[:5]))
+        entries = [e for e in entries if e not in gone]
     if not entries:
-        raise ValueError(f"{spec}: no shards (split {split!r})")
+        raise ShardError(f"{spec}: no shards (split {split!r})")
     if select:
         if any(not e.strata for e in entries):
             log.warning("%s: manifest has no per-shard strata (converted before they existed): the selection "

@@ -71,7 +71,7 @@ def test_two_ranks_write_the_same_bytes_as_one_process(synthetic_root: Path, tin
     assert [r["rank"] for r in report["ranks"]] == [0, 1] and all(r["files"] >= 1 for r in report["ranks"])
     assert sum(r["slices"] for r in report["ranks"]) == report["slices"]
     assert "rank 0/2" in run.stderr and "rank 1/2" in run.stderr and "slices/s in total" in run.stderr
-    assert not (tmp_path / ".recon.journal").exists()                  # complete: journal removed
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".recon.lock") == ["recon"]   # stage swapped in
 
 
 @pytest.mark.slow
@@ -80,14 +80,13 @@ def test_a_killed_rank_leaves_complete_files_and_a_rerun_finishes(synthetic_root
     one, _ = single
     expected = tree(one)
     out, inp = tmp_path / "recon", synthetic_root / "ChallengeData_ValSet"
-    journal = tmp_path / ".recon.journal"
     proc = subprocess.Popen(command(2, inp, out, tiny_backbone), env=env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = None
     deadline = time.monotonic() + 300
     while victim is None and time.monotonic() < deadline and proc.poll() is None:
-        lines = journal / "rank1-of-2.jsonl"
-        if lines.is_file() and lines.read_text().count("\n") >= 1:
+        lines = next(tmp_path.glob(".recon.resume-*/.journal/rank1-of-2.jsonl"), None)
+        if lines is not None and lines.read_text().count("\n") >= 1:
             for child in psutil.Process(proc.pid).children(recursive=True):
                 try:
                     if child.environ().get("RANK") == "1":
@@ -100,11 +99,12 @@ def test_a_killed_rank_leaves_complete_files_and_a_rerun_finishes(synthetic_root
     log = proc.communicate(timeout=120)[0]
     assert victim is not None, f"rank 1 finished before it could be killed:\n{log[-2000:]}"
     assert proc.returncode != 0
-    partial = tree(out) if out.exists() else {}
+    assert not out.exists()                                  # nothing of the killed run is visible as `out`
+    (stage,) = tmp_path.glob(".recon.resume-*")
+    partial = {k: v for k, v in tree(stage).items() if not k.startswith(".journal/")}
     assert partial and len(partial) < len(expected), sorted(partial)
     for name, data in partial.items():
         assert data == expected[name], f"{name} differs from the one-process output"   # only whole files
-    assert not (out / "reconstruct_report.json").exists()
     rerun = subprocess.run(command(2, inp, out, tiny_backbone), env=env(), cwd=ROOT, capture_output=True, text=True,
                            timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -112,7 +112,7 @@ def test_a_killed_rank_leaves_complete_files_and_a_rerun_finishes(synthetic_root
     report = json.loads((out / "reconstruct_report.json").read_text())
     assert report["written"] == len(expected) and 1 <= report["resumed"] <= len(partial)
     assert f"resuming: {report['resumed']} of" in rerun.stderr
-    assert not journal.exists()
+    assert not stage.exists() and not (out / ".journal").exists()
 
 
 def test_share_is_deterministic_balanced_and_complete(tmp_path: Path) -> None:
@@ -130,7 +130,7 @@ def test_share_is_deterministic_balanced_and_complete(tmp_path: Path) -> None:
     assert loads == [50, 55, 60]
 
 
-def test_journal_trusts_only_its_own_run_and_unchanged_inputs(tmp_path: Path) -> None:
+def test_journal_trusts_only_unchanged_inputs_and_whole_lines(tmp_path: Path) -> None:
     from finetune.rank_share import Journal
 
     inputs = []
@@ -138,15 +138,14 @@ def test_journal_trusts_only_its_own_run_and_unchanged_inputs(tmp_path: Path) ->
         p = tmp_path / f"{name}.mat"
         p.write_bytes(name.encode() * 10)
         inputs.append(p)
-    out = tmp_path / "recon"
-    writer = Journal(out, "fp1", 0, 2)
+    stage = tmp_path / ".recon.resume-0123"
+    writer = Journal(stage, 0, 2)
     for p in inputs:
         writer.record({"path": str(p), "slices": 1})
     with open(writer.file, "a") as f:
-        f.write('{"fingerprint": "fp1", "outcome": {"pa')          # a line cut by a kill
-    assert set(Journal(out, "fp1", 1, 2).done()) == {str(p) for p in inputs}   # any rank reads every file
-    assert Journal(out, "fp2", 0, 2).done() == {}                               # another configuration
+        f.write('{"input": [], "outcome": {"pa')                    # a line cut by a kill
+    assert set(Journal(stage, 1, 2).done()) == {str(p) for p in inputs}   # any rank reads every rank's file
     inputs[1].write_bytes(b"changed input, other size")
-    assert set(Journal(out, "fp1", 0, 1).done()) == {str(inputs[0]), str(inputs[2])}
-    Journal(out, "fp1", 0, 1).remove()
-    assert not (tmp_path / ".recon.journal").exists()
+    assert set(Journal(stage, 0, 1).done()) == {str(inputs[0]), str(inputs[2])}
+    Journal(stage, 0, 1).remove()
+    assert not (stage / ".journal").exists()

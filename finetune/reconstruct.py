@@ -315,6 +315,49 @@ def find_inputs(root: Path, task: str = "") -> tuple[list[Path], list[Path], lis
     return kus, [p for p in h5s if is_fastmri(p)], skipped + [s for s in more if s not in skipped]
 
 
+def output_dirs(cfg: ReconstructConfig) -> dict[str, Path]:
+    """{method: output tree}: "cmrfm" -> `out`, a baseline m -> `<out>_<m>` beside the resolved `out`."""
+    return {m: Path(cfg.out) if m == "cmrfm" else sibling(cfg.out, f"_{m}") for m in cfg.methods}
+
+
+def validate(cfg: ReconstructConfig, outs: list[Path] | None = None) -> tuple[list[Path], list[Path], list[str]]:
+    """Check the whole config before any work; returns `find_inputs`. Raises ReconstructError (a user
+    error: one line, naming the setting) or OutputError. `outs`: the output trees (default: every
+    method's, and the volumes tree)."""
+    if not cfg.input:
+        raise ReconstructError("input", "not set (--set input=<validation-style tree>)")
+    if not cfg.methods:
+        raise ReconstructError("methods", "empty; expected some of " + ", ".join(METHODS))
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ReconstructError("methods", f"unknown method {unknown[0]!r}; expected some of {', '.join(METHODS)}")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise ReconstructError("methods", f"{cfg.methods} names a method twice")
+    root = Path(cfg.input)
+    if not root.is_dir():
+        raise ReconstructError(root, "input folder does not exist" if not root.exists() else "input is not a folder")
+    if "cmrfm" in cfg.methods:
+        if not cfg.backbone:
+            raise ReconstructError("backbone", "not set (--set backbone=<pretraining run folder or its "
+                                               f"{BACKBONE}>; make one with pretrain/run.py)")
+        weights = Path(cfg.backbone) / BACKBONE if Path(cfg.backbone).is_dir() else Path(cfg.backbone)
+        if not weights.is_file():
+            raise ReconstructError(weights, f"backbone not found (--set backbone=<folder holding {BACKBONE}>)")
+        if cfg.adapters and not Path(cfg.adapters).is_dir():
+            raise ReconstructError(cfg.adapters, "adapter bank folder does not exist (--set adapters= for none)")
+    if outs is None:
+        outs = list(output_dirs(cfg).values()) + ([sibling(cfg.out, "_volumes")] if cfg.full_volumes else [])
+    check_separate(root, outs)
+    for i, a in enumerate(outs):   # two outputs nested in each other would swap each other away
+        for b in outs[i + 1:]:
+            check_separate(a, [b], what="other output")
+    kus, h5, skipped = find_inputs(root, cfg.task)
+    if not kus and not h5:
+        raise ReconstructError(root, "no *_kus_*.mat under UnderSample_<Task> folders and no fastMRI .h5 files"
+                                     + (f" ({len(skipped)} entries could not be walked: {skipped[0]})" if skipped else ""))
+    return kus, h5, skipped
+
+
 def output_path(path: Path, root: Path, out: Path) -> Path:
     """Where the output of input `path` goes: same relative path (kus: without UnderSample_ prefix folders)."""
     if path.suffix == ".h5":

@@ -24,7 +24,8 @@ scorer rejects extra files). A fastMRI folder (`*.h5` with a complex `kspace`) g
 name>.h5` holding `reconstruction` (slices, readout, phase) float32, fastMRI's orientation.
 
 `methods` adds baselines side by side: `zero_filled`, `sense`, `l1_wavelet` (finetune.classical)
-write the same tree to `<out>_<method>`. Bad input (no mask, unknown contrast or pattern, a shape
+write the same tree to `<out>_<method>`. `adapt.steps` > 0 adapts the model of each (center, vendor)
+group to that group's own undersampled k-space first (finetune.adapt; adapters in `<out>_adapted/`). Bad input (no mask, unknown contrast or pattern, a shape
 the model cannot take, a missing or broken adapter) gets one message naming the file; the rest of
 the folder is still processed; the messages are also in `<out>/reconstruct_report.json`.
 """
@@ -222,8 +223,10 @@ def file_meta(path: Path) -> tuple[dict, str, str | None, list[str]]:
     return meta, case.modality.lower(), case.pattern, []
 
 
-def reconstruct_file(path: Path, bank: ModelBank, cfg: ReconstructConfig) -> tuple[FileOutcome, np.ndarray, np.ndarray | None]:
-    """Reconstruct one kus file -> (outcome, img4ranking, full volume (nt, nz, ny, nx) or None)."""
+def reconstruct_file(path: Path, bank: ModelBank, cfg: ReconstructConfig,
+                     adapted: tuple[ReconModel, str] | None = None) -> tuple[FileOutcome, np.ndarray, np.ndarray | None]:
+    """Reconstruct one kus file -> (outcome, img4ranking, full volume (nt, nz, ny, nx) or None).
+    `adapted`: (model, label) from test-time adaptation (finetune.adapt), used instead of the bank's."""
     outcome = FileOutcome(str(path))
     meta, contrast, pattern, outcome.notes = file_meta(path)
     kspace, mask, notes = load_pair(path)
@@ -238,6 +241,8 @@ def reconstruct_file(path: Path, bank: ModelBank, cfg: ReconstructConfig) -> tup
     model, outcome.adapter, problem = bank.get(contrast, pattern)
     if problem:
         outcome.notes.append(f"{path}: {problem}; using the bare backbone")
+    if adapted is not None:
+        model, outcome.adapter = adapted
     nt, nz = kspace.shape[:2]
     stem = parse_kus_path(path).stem
     frames = list(range(nt)) if cfg.full_volumes else select_frames(nt, stem)
@@ -301,6 +306,11 @@ def reconstruct_tree(cfg: ReconstructConfig, log: Callable[[str], None] | None =
         raise ReconstructError(root, "no *_kus_*.mat under UnderSample_<Task> folders and no fastMRI .h5 files")
     device = torch.device(cfg.device)
     bank = ModelBank(cfg.backbone, cfg.adapters, device)
+    adapter = None
+    if cfg.adapt.steps > 0:  # test-time self-supervised adaptation per (center, vendor)
+        from finetune.adapt import TestTimeAdapter  # it imports this module
+
+        adapter = TestTimeAdapter(kus, bank, cfg, log)
     outcomes: list[FileOutcome] = []
     t0, n_slices = time.perf_counter(), 0
     bar = tqdm(kus + h5, desc="reconstruct", unit="file", disable=not cfg.progress)
@@ -309,7 +319,7 @@ def reconstruct_tree(cfg: ReconstructConfig, log: Callable[[str], None] | None =
             if path.suffix == ".h5":
                 outcome = reconstruct_fastmri(path, bank, cfg, out / path.relative_to(root))
             else:
-                outcome, ranked, volume = reconstruct_file(path, bank, cfg)
+                outcome, ranked, volume = reconstruct_file(path, bank, cfg, adapter.model_for(path) if adapter else None)
                 rel = parse_kus_path(path).relative_path("UnderSample_")
                 save_img4ranking(out / rel, ranked)
                 if volume is not None:
@@ -327,6 +337,8 @@ def reconstruct_tree(cfg: ReconstructConfig, log: Callable[[str], None] | None =
               "slices": n_slices, "seconds": round(time.perf_counter() - t0, 2),
               "adapters": {o.path: o.adapter for o in outcomes if not o.error},
               "notes": [n for o in outcomes for n in o.notes]}
+    if adapter is not None:
+        report["adapt"] = adapter.results
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "reconstruct_report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")

@@ -127,7 +127,7 @@ def adapt_model(base: ReconModel, windows: list[Window], cfg: AdaptConfig, devic
     """
     model = copy.deepcopy(base)
     torch.manual_seed(cfg.seed)
-    add_adapters(model, cfg.rank, cfg.alpha, cfg.targets)
+    add_adapters(model, cfg.rank, cfg.alpha, cfg.targets, forms=cfg.forms)
     n_held = max(1, round(cfg.holdout * len(windows))) if len(windows) > 1 else 0
     held, train = (windows[:n_held], windows[n_held:]) if n_held else (windows, windows)  # one window: its own guard
     result = AdaptResult(status="adapted", train_windows=len(train), heldout_windows=len(held))

@@ -92,6 +92,8 @@ class AdaptConfig:
     alpha: float = 8.0
     targets: str = DEFAULT_TARGETS
     """Regex of the nn.Linear layers that get the test-time LoRA."""
+    forms: list[str] = field(default_factory=lambda: ["lora"])
+    """Adapter forms of the test-time adapter (models.adapters.FORMS)."""
     lr: float = 1e-3
     windows: int = 8
     """T-frame windows (file, slice, frames) drawn from the group to adapt on."""
@@ -153,6 +155,9 @@ class AdapterSpec:
     dropout: float = 0.0
     targets: str = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
     """Regex (re.fullmatch on the module name) of the nn.Linear layers that get adapters."""
+    forms: list[str] = field(default_factory=lambda: ["lora"])
+    """Adapter forms (models.adapters): "lora", "scale_shift" (per-channel, on the same layers), "prompt"
+    (learned offsets of the metadata conditioning tokens), any combination."""
 
 
 @dataclass

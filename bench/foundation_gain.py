@@ -47,12 +47,14 @@ from challenge.ranking import crop_selected, img4ranking_from_kspace, select_fra
 from finetune.reconstruct import reconstruct_slice
 from finetune.settings import ClassicalConfig, FinetuneConfig
 from finetune.train import train
-from launch.cli import load_config, parse_args
+from launch.cli import config_differences, config_to_dict, load_config, parse_args
 from models.adapters import load_adapter, merge_adapters
 from pretrain.checkpoint import load_backbone
+from pretrain.settings import PretrainConfig
 from shards.convert import ConvertConfig, convert
 from shards.layout import parse_scanner
 from challenge.masks import make_mask
+from shards.manifest import Manifest
 from shards.matfile import read_kspace
 from shards.synthetic import SyntheticConfig, write_corpus
 
@@ -94,30 +96,60 @@ class BenchConfig:
 
 
 def corpus(cfg: BenchConfig, work: Path) -> tuple[Path, Path]:
-    """Synthetic corpus + shards (training scanners only in training; the held-out one only in validation)."""
+    """Synthetic corpus + shards (training scanners only in training; the held-out one only in validation).
+
+    Both are reused from an earlier run under `out` only when the config that made them is this one
+    (shards.synthetic refuses a corpus of another config; `reuse_or_refuse` checks the shards)."""
     data = work / "data"
-    if not (data / "synthetic_index.json").exists():
-        write_corpus(SyntheticConfig(
-            out=str(data), seed=cfg.seed, train_scanners=cfg.train_scanners, val_scanners=[cfg.held_out],
-            patients_per_scanner=cfg.patients_per_scanner, val_patients_per_scanner=cfg.eval_patients,
-            files_per_patient=3, val_files_per_patient=1, ny_min=cfg.ny[0], ny_max=cfg.ny[1], nx_min=cfg.nx[0],
-            nx_max=cfg.nx[1], nz_max=2, coils=cfg.coils, patients_2024=0, fastmri_files=0))
+    write_corpus(SyntheticConfig(
+        out=str(data), seed=cfg.seed, train_scanners=cfg.train_scanners, val_scanners=[cfg.held_out],
+        patients_per_scanner=cfg.patients_per_scanner, val_patients_per_scanner=cfg.eval_patients,
+        files_per_patient=3, val_files_per_patient=1, ny_min=cfg.ny[0], ny_max=cfg.ny[1], nx_min=cfg.nx[0],
+        nx_max=cfg.nx[1], nz_max=2, coils=cfg.coils, patients_2024=0, fastmri_files=0))
     shards = work / "shards"
-    if not (shards / "manifest.json").exists():
-        convert(ConvertConfig(input=str(data), out=str(shards), shard_samples=4, progress=False))
+    want = ConvertConfig(input=str(data), out=str(shards), shard_samples=4, progress=False)
+    if reuse_or_refuse(shards / "manifest.json", lambda: Manifest.read(shards).config, config_to_dict(want),
+                       ignore=("progress", "workers", "input", "out")):
+        if Manifest.read(shards).input != str(data.resolve()):
+            raise SystemExit(f"{shards}: converted from {Manifest.read(shards).input}, not {data.resolve()}; "
+                             f"use another out")
+    else:
+        convert(want)
     return data, shards
 
 
+def reuse_or_refuse(marker: Path, recorded, wanted: dict, ignore: tuple[str, ...] = ()) -> bool:
+    """True when `marker` exists and the config recorded with it (`recorded()`) equals `wanted`;
+    False when there is nothing to reuse; exits naming the differences otherwise (a benchmark must
+    never measure an output another config made while saying it measured this one)."""
+    if not marker.exists():
+        return False
+    diffs = config_differences(recorded(), wanted, ignore)
+    if diffs:
+        raise SystemExit(f"{marker.parent}: made with another config ({'; '.join(diffs[:5])}); "
+                         f"use another --set out=... or remove it")
+    return True
+
+
+def pretrain_command(cfg: BenchConfig, shards: Path, run_dir: Path) -> list[str]:
+    return ["--config", str(ROOT / "configs/pretrain_tiny.toml"), "--set", f"data.shards={shards}",
+            "--set", f"run.dir={run_dir}", "--set", f"model.size={cfg.size}", "--set", f"run.steps={cfg.pretrain_steps}",
+            "--set", f"run.seed={cfg.seed}", "--set", "log.eval_shards=", "--set", f"data.micro_batch={cfg.micro_batch}",
+            "--set", f"checkpoint.every={cfg.pretrain_steps}"]
+
+
 def pretrain(cfg: BenchConfig, shards: Path, work: Path) -> tuple[Path, float]:
-    """SSDU pretraining in one process (pretrain/run.py); returns (run dir, seconds)."""
+    """SSDU pretraining in one process (pretrain/run.py); returns (run dir, seconds). A backbone under
+    `out` is reused only when its run's config.toml is the config this benchmark would run."""
     run_dir = work / "pretrain"
     t0 = time.perf_counter()
-    if not (run_dir / "backbone.safetensors").exists():
-        cmd = [sys.executable, str(ROOT / "pretrain/run.py"), "--config", str(ROOT / "configs/pretrain_tiny.toml"),
-               "--set", f"data.shards={shards}", "--set", f"run.dir={run_dir}", "--set", f"model.size={cfg.size}",
-               "--set", f"run.steps={cfg.pretrain_steps}", "--set", f"run.seed={cfg.seed}", "--set", "log.eval_shards=",
-               "--set", f"data.micro_batch={cfg.micro_batch}", "--set", f"checkpoint.every={cfg.pretrain_steps}"]
-        subprocess.run(cmd, check=True, cwd=ROOT)
+    argv = pretrain_command(cfg, shards, run_dir)
+    sets = [argv[i + 1] for i in range(2, len(argv), 2)]
+    wanted = config_to_dict(load_config(PretrainConfig, argv[1], sets))
+    same = reuse_or_refuse(run_dir / "config.toml",
+                           lambda: config_to_dict(load_config(PretrainConfig, run_dir / "config.toml")), wanted)
+    if not (same and (run_dir / "backbone.safetensors").exists()):   # same config, unfinished: resumes
+        subprocess.run([sys.executable, str(ROOT / "pretrain/run.py"), *argv], check=True, cwd=ROOT)
     return run_dir, time.perf_counter() - t0
 
 

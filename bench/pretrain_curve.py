@@ -22,18 +22,29 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:   # run as a script from any directory
+    sys.path.insert(0, str(ROOT))
 
 
 def build_shards(work: Path) -> Path:
-    """The default synthetic corpus as shards (cached)."""
+    """The default synthetic corpus as shards, reused from an earlier run only when the same configs
+    made them (shards.synthetic refuses a corpus of another config; the manifest's config is checked)."""
+    from launch.cli import config_differences, config_to_dict
+    from shards.convert import ConvertConfig, convert
+    from shards.manifest import Manifest
+    from shards.synthetic import SyntheticConfig, write_corpus
+
     shards = work / "shards"
+    root = write_corpus(SyntheticConfig(out=str(work / "corpus")))
+    want = ConvertConfig(input=str(root), out=str(shards), shard_samples=16, progress=False)
     if (shards / "manifest.json").exists():
+        old = Manifest.read(shards)
+        diffs = config_differences(old.config, config_to_dict(want), ignore=("progress", "workers", "input", "out"))
+        if diffs or old.input != str(Path(root).resolve()):
+            raise SystemExit(f"{shards}: made from {old.input} with another config ({'; '.join(diffs[:5])}); "
+                             f"use another --work or remove it")
         return shards
-    code = ("from shards.synthetic import SyntheticConfig, write_corpus\n"
-            "from shards.convert import ConvertConfig, convert\n"
-            f"root = write_corpus(SyntheticConfig(out={str(work / 'corpus')!r}))\n"
-            f"convert(ConvertConfig(input=str(root), out={str(shards)!r}, shard_samples=16, progress=False))\n")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    convert(want)
     return shards
 
 

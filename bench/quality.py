@@ -76,6 +76,8 @@ class QualityConfig:
     """Corpus, arms and budgets of the quality benchmark (defaults: about an hour on 2 CPU cores)."""
 
     out: str = "out/bench_quality"
+    corpus_dir: str = ""
+    """Where the corpus is written or reused ("" = <out>/data); ablations share one (same corpus config)."""
     seed: int = 0
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     """Which arms to run besides zero-filled (ablations run "cmrfm scratch" alone)."""
@@ -206,15 +208,14 @@ def load_cases(paths: list[Path]) -> list[Case]:
 
 def corpus(cfg: QualityConfig, work: Path) -> tuple[list[Case], list[Case]]:
     """(training cases, held-out evaluation cases): cine_sax of the real-size profile."""
-    data = work / "data"
-    if not (data / "synthetic_index.json").exists():
-        syn = SyntheticConfig(out=str(data), profile="real", seed=cfg.seed, train_scanners=cfg.train_scanners,
-                              val_scanners=[cfg.held_out], patients_per_scanner=cfg.patients_per_scanner,
-                              val_patients_per_scanner=cfg.eval_patients, files_per_patient=1,
-                              val_files_per_patient=1, nz_max=cfg.nz_max, patients_2024=0, fastmri_files=0)
-        if cfg.tiny:
-            syn = dataclasses.replace(syn, profile="", ny_min=40, ny_max=48, nx_min=72, nx_max=84, coils=4)
-        write_corpus(syn)
+    data = Path(cfg.corpus_dir) if cfg.corpus_dir else work / "data"
+    syn = SyntheticConfig(out=str(data), profile="real", seed=cfg.seed, train_scanners=cfg.train_scanners,
+                          val_scanners=[cfg.held_out], patients_per_scanner=cfg.patients_per_scanner,
+                          val_patients_per_scanner=cfg.eval_patients, files_per_patient=1,
+                          val_files_per_patient=1, nz_max=cfg.nz_max, patients_2024=0, fastmri_files=0)
+    if cfg.tiny:
+        syn = dataclasses.replace(syn, profile="", ny_min=40, ny_max=48, nx_min=72, nx_max=84, coils=4)
+    write_corpus(syn)   # reuses `data` only when this config wrote it; refuses a corpus of another config
     train = sorted(data.glob("ChallengeData/MultiCoil/Cine/TrainingSet/FullSample/**/cine_sax.mat"))
     held = sorted(data.glob("ChallengeData_ValSet/**/FullSample_TaskR1/**/cine_sax.mat"))
     if not train or not held:

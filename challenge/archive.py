@@ -27,6 +27,7 @@ from pathlib import Path
 import scipy.io
 
 from challenge.submission import IMG4RANKING_KEY, SubmissionError, mat_version, parse_kus_path
+from launch.trees import find_files
 
 ARCHIVE_NAME = "Submission.zip"
 TASKS = ("TaskR1", "TaskR2", "TaskS1", "TaskS2")
@@ -97,7 +98,9 @@ def plan_archive(tree: str | os.PathLike, inputs: str | os.PathLike | None = Non
     expected: dict[str, Path] = {}
     if inputs is not None:
         in_root = _task_root(Path(inputs))
-        for p in sorted(Path(inputs).rglob("*_kus_*.mat")):
+        kus, unwalked = find_files(inputs, "*_kus_*.mat")   # symlinked folders followed
+        plan.problems += [f"{entry} (input tree)" for entry in unwalked]
+        for p in kus:
             try:
                 parse_kus_path(p)
             except SubmissionError:
@@ -106,7 +109,9 @@ def plan_archive(tree: str | os.PathLike, inputs: str | os.PathLike | None = Non
         if not expected:
             plan.problems.append(f"{inputs}: no input kus files in the challenge layout")
     found: set[str] = set()
-    for p in sorted(x for x in tree.rglob("*") if x.is_file()):
+    files, unwalked = find_files(tree)                        # symlinked folders followed, none skipped silently
+    plan.problems += [f"{entry} (reconstruction tree)" for entry in unwalked]
+    for p in files:
         rel = p.relative_to(root).as_posix() if p.is_relative_to(root) else ""
         if not rel or rel.split("/")[0] not in TASKS:
             plan.left_out.append(p)

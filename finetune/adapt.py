@@ -17,7 +17,9 @@ first step and every `eval_every` steps. The weights with the lowest held-out lo
 unadapted model the group falls back to it. The status ("adapted", "stopped early", "fallback") is
 logged and written with the adapter.
 
-Output, beside the submission tree (never inside it: the scorer rejects extra files):
+Output, beside the submission tree (never inside it: the scorer rejects extra files), written under a
+staging name and swapped in whole like the tree itself:
+    <out>_adapted/adapt_report.json   every group's status, held-out loss curve, files and seconds
     <out>_adapted/<Center>/<Vendor>/<adapter name or backbone>/adapter_config.json + adapter_model.safetensors
         PEFT layout; the config holds the status, the held-out loss curve, the files adapted on and
         the settings, so the run can be checked and repeated.
@@ -61,7 +63,7 @@ class AdaptResult:
     """What one group's adaptation did (also written to its adapter_config.json)."""
 
     status: str  # "adapted", "stopped early" or "fallback"
-    heldout: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out SSDU loss)
+    heldout: list[list] = field(default_factory=list)  # [step, held-out SSDU loss] (JSON pairs)
     best_step: int = 0
     steps_run: int = 0
     seconds: float = 0.0
@@ -133,7 +135,7 @@ def adapt_model(base: ReconModel, windows: list[Window], cfg: AdaptConfig, devic
     result = AdaptResult(status="adapted", train_windows=len(train), heldout_windows=len(held))
     optimizer = torch.optim.AdamW(adapter_parameters(model), lr=cfg.lr, weight_decay=0.0)
     best = heldout_loss(model, held, cfg, device)
-    result.heldout.append((0, best))
+    result.heldout.append([0, best])
     best_state, worse = snapshot(model), 0
     t0 = time.perf_counter()
     for step in range(1, cfg.steps + 1):
@@ -146,7 +148,7 @@ def adapt_model(base: ReconModel, windows: list[Window], cfg: AdaptConfig, devic
         if step % max(cfg.eval_every, 1) and step != cfg.steps:
             continue
         value = heldout_loss(model, held, cfg, device)
-        result.heldout.append((step, value))
+        result.heldout.append([step, value])
         if value < best:
             best, best_state, worse, result.best_step = value, snapshot(model), 0, step
         else:
@@ -169,9 +171,10 @@ class TestTimeAdapter:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, files: list[Path], bank: ModelBank, cfg: ReconstructConfig, log: Callable[[str], None]) -> None:
+    def __init__(self, files: list[Path], bank: ModelBank, cfg: ReconstructConfig, log: Callable[[str], None],
+                 out: Path) -> None:
         self.bank, self.cfg, self.log = bank, cfg, log
-        self.out = Path(f"{cfg.out}_adapted")
+        self.out = out  # the staging folder of <out>_adapted (reconstruct swaps it in whole)
         self.groups: dict[tuple[str, str, str], list[Path]] = defaultdict(list)
         for path in files:
             try:
@@ -226,6 +229,7 @@ class TestTimeAdapter:
         folder = self.out / center / vendor / name
         save_adapter(model, folder, {"cmrfm_test_time": True, "center": center, "vendor": vendor, "base_adapter": name,
                                      "adapt": dataclasses.asdict(a), **dataclasses.asdict(result)})
-        self.results[f"{center}/{vendor}/{name}"] = {"folder": str(folder), **dataclasses.asdict(result)}
+        self.results[f"{center}/{vendor}/{name}"] = {"folder": str(folder.relative_to(self.out)),
+                                                     **dataclasses.asdict(result)}
         merge_adapters(model)  # inference at backbone speed
         return model, result

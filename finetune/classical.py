@@ -1,7 +1,7 @@
 """Classical reconstructions a user would otherwise reach for: zero-filled RSS, ESPIRiT + CG-SENSE,
 ESPIRiT + L1-wavelet compressed sensing (sigpy), per 2-D frame.
 
-Conventions (design.md): k-space (T, C, Y, X) complex64, mask (T, Y, X) float32 {0, 1}, centred
+Conventions (docs/design.md §2): k-space (T, C, Y, X) complex64, mask (T, Y, X) float32 {0, 1}, centred
 orthonormal FFT `fftshift(fft2(ifftshift(.)))`. sigpy's `sp.fft/sp.ifft` use exactly that centring
 (ifftshift -> fft -> fftshift, "ortho"), odd sizes included (checked in tests/test_classical.py), so
 its operators are used as they are.
@@ -17,6 +17,8 @@ writes a submission tree of img4ranking files (the baseline column of `finetune.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -112,58 +114,77 @@ def reconstruct_slice(kspace: np.ndarray, mask: np.ndarray, cfg: ClassicalConfig
     raise ValueError(f"classical.method must be zero_filled, sense or l1_wavelet, got {cfg.method!r}")
 
 
-def reconstruct_tree(cfg: ReconstructConfig) -> list[str]:
-    """Reconstruct every `*_kus_*.mat` under `cfg.input` into a submission tree under `cfg.out`.
+REPORT = "classical_report.json"
+
+
+def reconstruct_tree(cfg: ReconstructConfig, files: list[Path] | None = None, skipped: list[str] = ()) -> list[str]:
+    """Reconstruct every `*_kus_*.mat` under `cfg.input` (or the given `files`) into a submission tree
+    under `cfg.out`, written under a staging name and swapped in whole (launch.outputs.replaced_tree:
+    no stale file of a previous run survives).
 
     Only the slices and frames that img4ranking keeps are reconstructed (all frames of those slices
-    are not needed: frames are solved independently). Returns the problems met, one line per file;
-    every other file is still written.
+    are not needed: frames are solved independently). Returns the problems met, one line per file
+    (and per input-tree entry that could not be walked); every other file is still written.
     """
     from tqdm import tqdm
 
     from challenge.submission import SubmissionError, mask_path, parse_kus_path, save_img4ranking, submission_path
+    from launch.outputs import replaced_tree
+    from launch.trees import find_files
     from shards.matfile import MatFileError, read_kspace, read_mask
 
     root = Path(cfg.input)
-    files = sorted(p for p in root.rglob("*_kus_*.mat") if not cfg.task or cfg.task in p.parts)
-    problems: list[str] = []
+    if files is None:
+        found, skipped = find_files(root, "*_kus_*.mat")
+        files = [p for p in found if not cfg.task or cfg.task in p.parts]
+    problems: list[str] = [f"{s} (input tree)" for s in skipped]
     t0, n_slices = time.perf_counter(), 0
-    bar = tqdm(files, desc=f"classical:{cfg.classical.method}", disable=not cfg.progress, unit="file")
-    for path in bar:
-        try:
-            case = parse_kus_path(path)
-            mpath = mask_path(path)
-            if not mpath.exists():
-                raise SubmissionError(path, f"no matching mask (looked for {mpath})")
-            k = read_kspace(path)  # (nt, nz, nc, ny, nx)
-            m = read_mask(mpath)  # (nt, ny, nx)
-            if m.shape[-2:] != k.shape[-2:]:
-                raise SubmissionError(path, f"mask {m.shape} does not fit k-space {k.shape}")
-            frames, slices = select_frames(k.shape[0], case.stem), select_slices(k.shape[1])
-            mt = m if m.shape[0] == 1 else m[frames]
-            img = np.zeros((len(frames), len(slices)) + k.shape[-2:], dtype=np.complex64)
-            for j, z in enumerate(slices):
-                img[:, j] = reconstruct_slice(k[frames, z], mt, cfg.classical)
-                n_slices += 1
-            save_img4ranking(submission_path(path, cfg.out), crop_selected(img))
-        except (SubmissionError, MatFileError, ValueError, OSError) as exc:
-            problems.append(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
-            print(f"[classical] skipped {problems[-1]}", file=sys.stderr)
-        bar.set_postfix(slices_per_s=f"{n_slices / max(time.perf_counter() - t0, 1e-9):.2f}")
+    with replaced_tree(Path(cfg.out), REPORT) as stage:
+        bar = tqdm(files, desc=f"classical:{cfg.classical.method}", disable=not cfg.progress, unit="file")
+        for path in bar:
+            try:
+                case = parse_kus_path(path)
+                mpath = mask_path(path)
+                if not mpath.exists():
+                    raise SubmissionError(path, f"no matching mask (looked for {mpath})")
+                k = read_kspace(path)  # (nt, nz, nc, ny, nx)
+                m = read_mask(mpath)  # (nt, ny, nx)
+                if m.shape[-2:] != k.shape[-2:]:
+                    raise SubmissionError(path, f"mask {m.shape} does not fit k-space {k.shape}")
+                frames, slices = select_frames(k.shape[0], case.stem), select_slices(k.shape[1])
+                mt = m if m.shape[0] == 1 else m[frames]
+                img = np.zeros((len(frames), len(slices)) + k.shape[-2:], dtype=np.complex64)
+                for j, z in enumerate(slices):
+                    img[:, j] = reconstruct_slice(k[frames, z], mt, cfg.classical)
+                    n_slices += 1
+                save_img4ranking(submission_path(path, stage), crop_selected(img))
+            except (SubmissionError, MatFileError, ValueError, OSError) as exc:
+                problems.append(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+                print(f"[classical] skipped {problems[-1]}", file=sys.stderr)
+            bar.set_postfix(slices_per_s=f"{n_slices / max(time.perf_counter() - t0, 1e-9):.2f}")
+        (stage / REPORT).write_text(json.dumps({"input": str(root), "out": str(cfg.out), "method": cfg.classical.method,
+                                                "files": len(files), "errors": problems}, indent=2) + "\n")
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    from launch.cli import dump_config, parse_args
+    """Exit status as finetune.reconstruct: 0 all written, 3 inputs skipped, 2 a usage error."""
+    from finetune.reconstruct import CLASSICAL_METHODS, ReconstructError, validate
+    from launch.cli import parse_args
+    from launch.outputs import EXIT_SKIPPED, EXIT_USAGE, OutputError
 
     cfg = parse_args(ReconstructConfig, argv, description="classical baseline -> submission tree")
-    if not cfg.input:
-        print("set input=<validation-style tree>", file=sys.stderr)
-        return 2
-    dump_config(cfg, Path(cfg.out) / "classical_config.toml")
-    problems = reconstruct_tree(cfg)
+    try:
+        if cfg.classical.method not in CLASSICAL_METHODS:
+            raise ReconstructError("classical.method", f"unknown method {cfg.classical.method!r}; expected one of "
+                                                       f"{', '.join(CLASSICAL_METHODS)}")
+        files, _, skipped = validate(dataclasses.replace(cfg, methods=[cfg.classical.method]), outs=[Path(cfg.out)])
+        problems = reconstruct_tree(cfg, files, skipped)
+    except (ReconstructError, OutputError) as exc:
+        print(f"classical: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"[classical] wrote {cfg.out} ({len(problems)} problem(s))")
-    return 0
+    return EXIT_SKIPPED if problems else 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ Writes under `out` (every file under a temporary name, then renamed):
   (image grid: each method, the reference, and error maps);
 - `eval_config.toml`: the resolved config.
 
-Bad input never stops the run: a reference file with no reconstruction counts 0 and is listed; an extra
+Bad input never stops the run: a reference file with no reconstruction counts 0 and is listed; a file
+off the layout's depth (a tree nested inside the submission, e.g. `<out>/_zero_filled`) or a second
+file for a case already found is refused: named in problems.csv, never scored, exit status 3; an extra
 reconstruction (no reference) is listed (in challenge-exact mode with the note that the official
 validation scorer stops on it); a shape mismatch scores NaN and counts 0; an unreadable file is named.
 """
@@ -62,6 +64,8 @@ from challenge.submission import (
     parse_reference_path,
 )
 from finetune.settings import EvalConfig
+from launch.outputs import EXIT_SKIPPED, write_atomic
+from launch.trees import find_files
 from shards.matfile import MatFileError, read_kspace
 
 MatchKey = tuple[str, str, str, str, str, str, str]
@@ -132,10 +136,11 @@ def parse_methods(cfg: EvalConfig) -> list[tuple[str, Path]]:
 def index_reference(
     root: Path, task: str = ""
 ) -> tuple[dict[MatchKey, tuple[CaseId, Path]], list[SubmissionError]]:
-    """Reference files under `root` (any depth) in FullSample_<Task> folders, keyed for matching."""
+    """Reference files under `root` (any depth, symlinked folders followed) in FullSample_<Task> folders."""
     refs: dict[MatchKey, tuple[CaseId, Path]] = {}
-    problems: list[SubmissionError] = []
-    for path in sorted(root.rglob("*.mat")):
+    files, skipped = find_files(root, "*.mat")
+    problems: list[SubmissionError] = [SubmissionError(s.partition(": ")[0], s.partition(": ")[2]) for s in skipped]
+    for path in files:
         if len(path.parts) < 5 or not path.parts[-5].startswith("FullSample_"):
             continue
         try:
@@ -149,11 +154,26 @@ def index_reference(
     return refs, problems
 
 
+#: parts of a submission file's path below the submission root:
+#: <Task>/MultiCoil/<Modality>/<Set>/UnderSample_<Task>/<Center>/<Vendor>/P###/<file>_kus_<Pattern><R>.mat
+LAYOUT_DEPTH = 9
+
+
 def index_recon(root: Path, task: str = "") -> tuple[list[tuple[CaseId, Path]], list[SubmissionError]]:
-    """Reconstruction files `*_kus_*.mat` under `root` (any depth), with the paths that do not parse."""
+    """Reconstruction files `*_kus_*.mat` exactly at the submission layout's depth below `root`, with
+    the files refused: a path that does not parse, a file deeper or shallower than the layout (another
+    tree nested inside this one, e.g. a baseline written to `<out>/_zero_filled`), and a second file
+    for a case already found. Refused files are named and never scored: each case counts once."""
     found: list[tuple[CaseId, Path]] = []
-    problems: list[SubmissionError] = []
-    for path in sorted(root.rglob("*_kus_*.mat")):
+    files, skipped = find_files(root, "*_kus_*.mat")
+    problems: list[SubmissionError] = [SubmissionError(s.partition(": ")[0], s.partition(": ")[2]) for s in skipped]
+    first: dict[MatchKey, Path] = {}
+    for path in files:
+        depth = len(path.relative_to(root).parts)
+        if depth != LAYOUT_DEPTH:
+            problems.append(SubmissionError(path, f"unexpected file: {depth} levels below {root}, the submission layout "
+                                                  f"has {LAYOUT_DEPTH} (a tree nested inside this one?); not scored"))
+            continue
         try:
             case = parse_kus_path(path)
         except SubmissionError as exc:
@@ -161,6 +181,11 @@ def index_recon(root: Path, task: str = "") -> tuple[list[tuple[CaseId, Path]], 
             continue
         if task and case.task != task:
             continue
+        if case.match_key in first:
+            problems.append(SubmissionError(path, f"duplicate: {first[case.match_key]} is already the reconstruction "
+                                                  f"of this case; not scored"))
+            continue
+        first[case.match_key] = path
         found.append((case, path))
     return found, problems
 
@@ -392,11 +417,7 @@ def _fill_pattern(rows: list[FileResult]) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, data)
 
 
 def _write_csv(path: Path, header: list[str], rows: Iterable[list[object]]) -> Path:
@@ -594,6 +615,11 @@ def run(cfg: EvalConfig) -> Evaluation:
     from launch.cli import dump_config
 
     out = Path(cfg.out)
+    trees = [folder for _, folder in parse_methods(cfg)] + ([Path(cfg.reference)] if cfg.reference else [])
+    for tree in trees:   # tables inside a submission tree would be extra files in the submission
+        if out.resolve() == tree.resolve() or tree.resolve() in out.resolve().parents:
+            raise ValueError(f"out {out} is inside the tree {tree}: evaluation outputs would become extra files "
+                             f"there; choose a folder outside it")
     dump_config(cfg, out / "eval_config.toml")
     ev = evaluate(cfg)
     write_tables(ev, out)
@@ -622,7 +648,8 @@ def main(argv: list[str] | None = None) -> int:
     n_bad = sum(r.status != STATUS_OK for r in ev.rows) + len(ev.dropped)
     print(f"[evaluate] tables, results.json ({ev.primary}) and figures in {cfg.out} "
           f"({n_bad} problem row(s), see problems.csv)")
-    return 0
+    # unreadable, unexpected or duplicate files: the scores stand, but a script must be able to tell
+    return EXIT_SKIPPED if any(r.status == "error" for r in ev.rows) else 0
 
 
 if __name__ == "__main__":

@@ -24,14 +24,23 @@ scorer rejects extra files). A fastMRI folder (`*.h5` with a complex `kspace`) g
 name>.h5` holding `reconstruction` (slices, readout, phase) float32, fastMRI's orientation.
 
 `methods` adds baselines side by side: `zero_filled`, `sense`, `l1_wavelet` (finetune.classical)
-write the same tree to `<out>_<method>`. `adapt.steps` > 0 adapts the model of each (center, vendor)
-group to that group's own undersampled k-space first (finetune.adapt; adapters in `<out>_adapted/`). Bad input (no mask, unknown contrast or pattern, a shape
-the model cannot take, a missing or broken adapter) gets one message naming the file; the rest of
-the folder is still processed; the messages are also in `<out>/reconstruct_report.json`.
+write the same tree to `<out>_<method>`, a sibling of the resolved `out` (never inside it). Bad input
+(no mask, unknown contrast or pattern, a shape the model cannot take, a missing or broken adapter)
+gets one message naming the file; the rest of the folder is still processed; the messages are also
+in `<out>/reconstruct_report.json`. `adapt.steps` > 0 first adapts the model of each (center, vendor)
+group to that group's own undersampled k-space (finetune.adapt; adapters in `<out>_adapted/`).
+
+Safety (docs/design.md §4): the whole config is checked before any work (input present and holding
+inputs, backbone readable, method names known, no output equal to, inside or containing the input);
+a user error ends in one line and exit status 2. Each output tree is written under a staging name
+and swapped in whole (launch.outputs.replaced_tree), so a re-run leaves no file it did not write this
+time and a killed run leaves the previous tree untouched. Exit status 3 (EXIT_SKIPPED) when any
+input was skipped, including entries of the input tree that could not be walked (broken links).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -40,7 +49,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
@@ -51,7 +60,9 @@ from tqdm import tqdm
 from challenge.ranking import crop_selected, select_frames, select_slices
 from finetune.settings import ReconstructConfig
 from challenge.submission import SubmissionError, mask_path, parse_kus_path, save_img4ranking
-from launch.cli import dump_config, parse_args
+from launch.cli import ConfigError, dump_config, parse_args
+from launch.outputs import EXIT_SKIPPED, EXIT_USAGE, OutputError, check_separate, replaced_tree, sibling
+from launch.trees import find_files
 from models.adapters import load_adapter, merge_adapters
 from models.coils import rss
 from models.fft import ifft2c
@@ -68,6 +79,10 @@ KNOWN_CONTRASTS = ("cine", "lge", "mapping", "t1rho", "t1w", "t2w", "blackblood"
 KNOWN_PATTERNS = PATTERNS_2025 + ("ktUniform",)
 #: smallest (ny, nx) reconstructed: img4ranking keeps ny/2 x nx/3 and the scorer's SSIM needs 7 x 7.
 MIN_MATRIX = (14, 21)
+CLASSICAL_METHODS = ("zero_filled", "sense", "l1_wavelet")
+METHODS = ("cmrfm",) + CLASSICAL_METHODS
+REPORT = "reconstruct_report.json"
+ADAPT_REPORT = "adapt_report.json"  # marks <out>_adapted/ as test-time adaptation's output
 
 
 class ReconstructError(ValueError):
@@ -289,63 +304,123 @@ def reconstruct_fastmri(path: Path, bank: ModelBank, cfg: ReconstructConfig, tar
 # ---- the folder ----------------------------------------------------------------------------------
 
 
-def find_inputs(root: Path, task: str = "") -> tuple[list[Path], list[Path]]:
-    """(kus .mat files under UnderSample_* folders, fastMRI .h5 files) below `root`, sorted."""
-    kus = sorted(p for p in root.rglob("*_kus_*.mat")
-                 if any(part.startswith("UnderSample_") for part in p.parts) and (not task or task in p.parts))
-    h5 = sorted(p for p in root.rglob("*.h5") if is_fastmri(p))
-    return kus, h5
+def find_inputs(root: Path, task: str = "") -> tuple[list[Path], list[Path], list[str]]:
+    """(kus .mat files under UnderSample_* folders, fastMRI .h5 files, entries that could not be walked)
+    below `root`, sorted; symlinked folders are followed (launch.trees)."""
+    mats, skipped = find_files(root, "*_kus_*.mat")
+    kus = [p for p in mats if any(part.startswith("UnderSample_") for part in p.parts)
+           and (not task or task in p.parts)]
+    h5s, more = find_files(root, "*.h5")
+    return kus, [p for p in h5s if is_fastmri(p)], skipped + [s for s in more if s not in skipped]
 
 
-def reconstruct_tree(cfg: ReconstructConfig, log: Callable[[str], None] | None = None) -> dict:
-    """Reconstruct every input under `cfg.input` into `cfg.out`; returns the report (also written)."""
+def output_dirs(cfg: ReconstructConfig) -> dict[str, Path]:
+    """{method: output tree}: "cmrfm" -> `out`, a baseline m -> `<out>_<m>` beside the resolved `out`."""
+    return {m: Path(cfg.out) if m == "cmrfm" else sibling(cfg.out, f"_{m}") for m in cfg.methods}
+
+
+def validate(cfg: ReconstructConfig, outs: list[Path] | None = None) -> tuple[list[Path], list[Path], list[str]]:
+    """Check the whole config before any work; returns `find_inputs`. Raises ReconstructError (a user
+    error: one line, naming the setting) or OutputError. `outs`: the output trees (default: every
+    method's, and the volumes tree)."""
+    if not cfg.input:
+        raise ReconstructError("input", "not set (--set input=<validation-style tree>)")
+    if not cfg.methods:
+        raise ReconstructError("methods", "empty; expected some of " + ", ".join(METHODS))
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ReconstructError("methods", f"unknown method {unknown[0]!r}; expected some of {', '.join(METHODS)}")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise ReconstructError("methods", f"{cfg.methods} names a method twice")
+    root = Path(cfg.input)
+    if not root.is_dir():
+        raise ReconstructError(root, "input folder does not exist" if not root.exists() else "input is not a folder")
+    if "cmrfm" in cfg.methods:
+        if not cfg.backbone:
+            raise ReconstructError("backbone", "not set (--set backbone=<pretraining run folder or its "
+                                               f"{BACKBONE}>; make one with pretrain/run.py)")
+        weights = Path(cfg.backbone) / BACKBONE if Path(cfg.backbone).is_dir() else Path(cfg.backbone)
+        if not weights.is_file():
+            raise ReconstructError(weights, f"backbone not found (--set backbone=<folder holding {BACKBONE}>)")
+        if cfg.adapters and not Path(cfg.adapters).is_dir():
+            raise ReconstructError(cfg.adapters, "adapter bank folder does not exist (--set adapters= for none)")
+    if outs is None:
+        outs = list(output_dirs(cfg).values()) + ([sibling(cfg.out, "_volumes")] if cfg.full_volumes else []) \
+            + ([sibling(cfg.out, "_adapted")] if cfg.adapt.steps > 0 and "cmrfm" in cfg.methods else [])
+    check_separate(root, outs)
+    for i, a in enumerate(outs):   # two outputs nested in each other would swap each other away
+        for b in outs[i + 1:]:
+            check_separate(a, [b], what="other output")
+    kus, h5, skipped = find_inputs(root, cfg.task)
+    if not kus and not h5:
+        raise ReconstructError(root, "no *_kus_*.mat under UnderSample_<Task> folders and no fastMRI .h5 files"
+                                     + (f" ({len(skipped)} entries could not be walked: {skipped[0]})" if skipped else ""))
+    return kus, h5, skipped
+
+
+def reconstruct_tree(cfg: ReconstructConfig, log: Callable[[str], None] | None = None,
+                     inputs: tuple[list[Path], list[Path], list[str]] | None = None) -> dict:
+    """Reconstruct every input under `cfg.input` into `cfg.out` (staged, then swapped in whole);
+    returns the report (also written as `<out>/reconstruct_report.json`)."""
     log = log or (lambda msg: print(f"[reconstruct] {msg}", file=sys.stderr))
     root, out = Path(cfg.input), Path(cfg.out)
-    kus, h5 = find_inputs(root, cfg.task)
-    if not kus and not h5:
-        raise ReconstructError(root, "no *_kus_*.mat under UnderSample_<Task> folders and no fastMRI .h5 files")
+    kus, h5, skipped = inputs or validate(dataclasses.replace(cfg, methods=["cmrfm"]))
+    for entry in skipped:
+        log(f"skipped {entry}")
     device = torch.device(cfg.device)
     bank = ModelBank(cfg.backbone, cfg.adapters, device)
-    adapter = None
-    if cfg.adapt.steps > 0:  # test-time self-supervised adaptation per (center, vendor)
-        from finetune.adapt import TestTimeAdapter  # it imports this module
-
-        adapter = TestTimeAdapter(kus, bank, cfg, log)
     outcomes: list[FileOutcome] = []
     t0, n_slices = time.perf_counter(), 0
-    bar = tqdm(kus + h5, desc="reconstruct", unit="file", disable=not cfg.progress)
-    for path in bar:
-        try:
-            if path.suffix == ".h5":
-                outcome = reconstruct_fastmri(path, bank, cfg, out / path.relative_to(root))
-            else:
-                outcome, ranked, volume = reconstruct_file(path, bank, cfg, adapter.model_for(path) if adapter else None)
-                rel = parse_kus_path(path).relative_path("UnderSample_")
-                save_img4ranking(out / rel, ranked)
-                if volume is not None:
-                    write_volume(Path(f"{out}_volumes") / rel, volume)
-        except (ReconstructError, SubmissionError, MatFileError, ValueError, OSError) as exc:
-            outcome = FileOutcome(str(path), error=str(exc) if str(path) in str(exc) else f"{path}: {exc}")
-            log(f"skipped {outcome.error}")
-        for note in outcome.notes:
-            log(note)
-        outcomes.append(outcome)
-        n_slices += outcome.slices
-        bar.set_postfix(slices_per_s=f"{n_slices / max(time.perf_counter() - t0, 1e-9):.2f}")
-    report = {"input": str(root), "out": str(out), "files": len(outcomes),
-              "written": sum(1 for o in outcomes if not o.error), "errors": [o.error for o in outcomes if o.error],
-              "slices": n_slices, "seconds": round(time.perf_counter() - t0, 2),
-              "adapters": {o.path: o.adapter for o in outcomes if not o.error},
-              "notes": [n for o in outcomes for n in o.notes]}
-    if adapter is not None:
-        report["adapt"] = adapter.results
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "reconstruct_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / "reconstruct_report.json")
+    volumes = sibling(out, "_volumes")
+    with replaced_tree(out, REPORT) as stage, \
+            (replaced_tree(volumes, REPORT) if cfg.full_volumes else _no_tree()) as vstage, \
+            (replaced_tree(sibling(out, "_adapted"), ADAPT_REPORT) if cfg.adapt.steps > 0 else _no_tree()) as astage:
+        dump_config(cfg, stage / "reconstruct_config.toml")
+        adapter = None
+        if astage is not None:  # test-time self-supervised adaptation per (center, vendor)
+            from finetune.adapt import TestTimeAdapter  # it imports this module
+
+            adapter = TestTimeAdapter(kus, bank, cfg, log, astage)
+        bar = tqdm(kus + h5, desc="reconstruct", unit="file", disable=not cfg.progress)
+        for path in bar:
+            try:
+                if path.suffix == ".h5":
+                    outcome = reconstruct_fastmri(path, bank, cfg, stage / path.relative_to(root))
+                else:
+                    outcome, ranked, volume = reconstruct_file(path, bank, cfg, adapter.model_for(path) if adapter else None)
+                    rel = parse_kus_path(path).relative_path("UnderSample_")
+                    save_img4ranking(stage / rel, ranked)
+                    if volume is not None:
+                        write_volume(vstage / rel, volume)
+            except (ReconstructError, SubmissionError, MatFileError, ValueError, OSError) as exc:
+                outcome = FileOutcome(str(path), error=str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+                log(f"skipped {outcome.error}")
+            for note in outcome.notes:
+                log(note)
+            outcomes.append(outcome)
+            n_slices += outcome.slices
+            bar.set_postfix(slices_per_s=f"{n_slices / max(time.perf_counter() - t0, 1e-9):.2f}")
+        report = {"input": str(root), "out": str(out), "files": len(outcomes),
+                  "written": sum(1 for o in outcomes if not o.error),
+                  "errors": [o.error for o in outcomes if o.error] + [f"{s} (input tree)" for s in skipped],
+                  "slices": n_slices, "seconds": round(time.perf_counter() - t0, 2),
+                  "adapters": {o.path: o.adapter for o in outcomes if not o.error},
+                  "notes": [n for o in outcomes for n in o.notes]}
+        if adapter is not None:
+            report["adapt"] = adapter.results
+            (astage / ADAPT_REPORT).write_text(json.dumps(adapter.results, indent=2) + "\n")
+        text = json.dumps(report, indent=2) + "\n"
+        (stage / REPORT).write_text(text)
+        if vstage is not None:
+            (vstage / REPORT).write_text(text)
     log(f"wrote {report['written']}/{report['files']} files to {out} ({n_slices} slices, "
         f"{n_slices / max(report['seconds'], 1e-9):.2f} slices/s); {len(report['errors'])} error(s)")
     return report
+
+
+@contextlib.contextmanager
+def _no_tree() -> Iterator[None]:
+    yield None
 
 
 def write_volume(path: Path, volume: np.ndarray) -> None:
@@ -355,33 +430,33 @@ def write_volume(path: Path, volume: np.ndarray) -> None:
 
 
 def run(cfg: ReconstructConfig) -> dict[str, dict]:
-    """Every method of `cfg.methods`: "cmrfm" -> `out`, a classical baseline m -> `<out>_<m>`."""
+    """Every method of `cfg.methods` ("cmrfm" -> `out`, a classical baseline m -> `<out>_<m>`), after
+    the whole config was validated (nothing is written when it is not)."""
     from finetune.classical import reconstruct_tree as classical_tree
 
+    inputs = validate(cfg)
     reports: dict[str, dict] = {}
-    for method in cfg.methods:
+    for method, folder in output_dirs(cfg).items():
         if method == "cmrfm":
-            reports[method] = reconstruct_tree(cfg)
-        elif method in ("zero_filled", "sense", "l1_wavelet"):
-            sub = dataclasses.replace(cfg, out=f"{cfg.out}_{method}",
-                                      classical=dataclasses.replace(cfg.classical, method=method))
-            problems = classical_tree(sub)
-            reports[method] = {"out": sub.out, "errors": problems}
+            reports[method] = reconstruct_tree(cfg, inputs=inputs)
         else:
-            raise ValueError(f"methods: unknown method {method!r}; expected cmrfm, zero_filled, sense or l1_wavelet")
+            sub = dataclasses.replace(cfg, out=str(folder), classical=dataclasses.replace(cfg.classical, method=method))
+            reports[method] = {"out": sub.out, "errors": classical_tree(sub, inputs[0], inputs[2])}
     return reports
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 every input written; 3 (EXIT_SKIPPED) finished, but inputs were skipped (each
+    named in the log and the report); 2 (EXIT_USAGE) a config or path error, before any work."""
     cfg = parse_args(ReconstructConfig, argv, description="reconstruct a challenge folder into a submission tree")
-    if not cfg.input:
-        print("set input=<validation-style tree>", file=sys.stderr)
-        return 2
-    dump_config(cfg, Path(cfg.out) / "reconstruct_config.toml")
-    reports = run(cfg)
+    try:
+        reports = run(cfg)
+    except (ReconstructError, OutputError, ConfigError, CheckpointError) as exc:
+        print(f"reconstruct: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     for method, rep in reports.items():
         print(f"{method}: {rep['out']} ({len(rep['errors'])} error(s))")
-    return 0
+    return EXIT_SKIPPED if any(rep["errors"] for rep in reports.values()) else 0
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ so cmrfm keeps its own, small state instead. Layout of `<run>/state/`:
         rank00000.safetensors     that rank's torch CPU RNG state (uint8)
         rank00000.json            that rank's loader position (shards.loader state_dict) and step
 
-Commit protocol (as pretrain.checkpoint): every rank writes its files, all ranks meet at a barrier,
-then rank 0 writes `latest` under a temporary name and `os.replace`s it, and prunes older tags. A
-crash before that leaves the previous `latest` intact. Frozen parameters are not saved: they come
+Commit protocol (pretrain.checkpoint's, shared code): every rank writes its files into
+`<tag>.incomplete/` (fsynced), all ranks meet at a barrier, then rank 0 marks the folder complete,
+renames it to `<tag>`, moves `latest` (atomic, fsynced) and prunes this run lineage's older tags. A
+crash before that leaves the previous `latest` intact; a missing `latest` is recovered from the
+newest complete tag, and `*.incomplete` leftovers are removed (`discard_incomplete`). Frozen parameters are not saved: they come
 back from the backbone file, which is unchanged.
 """
 
@@ -27,7 +29,10 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from pretrain.checkpoint import LATEST, TAG_PATTERN, prune_tags, tag_for
+from launch.outputs import write_atomic
+from pretrain.checkpoint import (
+    LATEST, TAG_PATTERN, commit_tag, new_owner, staging_dir, tag_for, tag_owner,
+)
 
 
 
@@ -35,26 +40,21 @@ class ResumeError(RuntimeError):
     """A state folder that is incomplete or does not fit the model; the message names the file."""
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    _write_atomic(path, lambda p: save_file(clean, str(p), metadata={"format": "pt"}))
+    write_atomic(path, lambda p: save_file(clean, str(p), metadata={"format": "pt"}))
 
 
 def save_state(state_dir: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               rank: int, loader_state: dict[str, Any], barrier: Callable[[], None], keep: int = 2) -> Path:
+               rank: int, loader_state: dict[str, Any], barrier: Callable[[], None], owner: str,
+               keep: int = 2) -> Path:
     """Write this rank's part of the state for `step`; rank 0 also the shared part and `latest`.
 
-    Collective: every rank calls it (the barrier sits between the per-rank files and `latest`).
-    `model` is the unwrapped module (no DDP "module." prefix).
+    Collective: every rank calls it (the barrier sits between the per-rank files and the commit).
+    `model` is the unwrapped module (no DDP "module." prefix); `owner` the run lineage (pruning).
     """
     root = Path(state_dir)
-    tag_dir = root / tag_for(step)
+    tag_dir = staging_dir(root, tag_for(step))
     tag_dir.mkdir(parents=True, exist_ok=True)
     names = {id(p): n for n, p in model.named_parameters()}
     if rank == 0:
@@ -66,20 +66,25 @@ def save_state(state_dir: str | os.PathLike, step: int, model: torch.nn.Module, 
         tensors = {f"{order[i]}.{k}": torch.as_tensor(v) for i, st in sd["state"].items() for k, v in st.items()}
         _save_tensors(tag_dir / "optimizer.safetensors", tensors)
         groups = [dict(g, params=[order[i] for i in g["params"]]) for g in sd["param_groups"]]
-        _write_atomic(tag_dir / "optimizer.json", lambda p: p.write_text(json.dumps(groups, indent=1)))
+        write_atomic(tag_dir / "optimizer.json", lambda p: p.write_text(json.dumps(groups, indent=1)))
     _save_tensors(tag_dir / f"rank{rank:05d}.safetensors", {"torch_rng": torch.get_rng_state()})
     rank_state = {"step": step, "loader": loader_state}
-    _write_atomic(tag_dir / f"rank{rank:05d}.json", lambda p: p.write_text(json.dumps(rank_state)))
-    barrier()
+    write_atomic(tag_dir / f"rank{rank:05d}.json", lambda p: p.write_text(json.dumps(rank_state)))
+    barrier()   # every file above went through write_atomic (fsynced) before the commit
     if rank == 0:
-        _write_atomic(root / LATEST, lambda p: p.write_text(tag_dir.name + "\n"))
-        prune_tags(root, keep, protect=tag_dir.name)
+        commit_tag(root, tag_for(step), owner, {"step": step}, keep)
     barrier()
-    return tag_dir
+    return root / tag_for(step)
+
+
+def state_owner(tag_dir: Path | None) -> str:
+    """The lineage of a resumed state (its tags may be pruned by the continuing run), or a new one."""
+    return (tag_owner(tag_dir) if tag_dir is not None else None) or new_owner()
 
 
 def latest_tag(state_dir: str | os.PathLike) -> Path | None:
-    """The folder `latest` names, or None when there is no state yet."""
+    """The folder `latest` names, or None when there is no state yet (rank 0 has run
+    `discard_incomplete` first: a missing `latest` is recovered from the newest complete tag)."""
     pointer = Path(state_dir) / LATEST
     if not pointer.is_file():
         return None

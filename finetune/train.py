@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import tarfile
 import time
@@ -37,10 +36,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from finetune.resume import latest_tag, load_state, save_state
+from finetune.resume import latest_tag, load_state, save_state, state_owner
 from finetune.settings import FinetuneConfig
 from launch.cli import dump_config, parse_args
 from models.adapters import adapter_parameters, add_adapters, save_adapter
@@ -49,9 +47,11 @@ from models.fft import ifft2c
 from models.losses import l1, ssim
 from models.recon import ReconModel
 from models.sizes import build_model
-from pretrain.checkpoint import BACKBONE, MODEL_CONFIG, load_backbone
+from launch.outputs import FolderLock, publish_dir, remove_stale_staging, staging_path, write_atomic
+from pretrain.checkpoint import MODEL_CONFIG, discard_incomplete, load_backbone, lock_dir, write_backbone
 from shards.loader import make_loader, resolve_shards
 from challenge.masks import PATTERNS_2025
+from shards.sample import member_key
 
 
 #: adapter.contrast / adapter.pattern value meaning "every contrast" / "every 2025 pattern": a full model
@@ -124,13 +124,22 @@ def sample_filter(cfg: FinetuneConfig) -> Callable[[dict], bool]:
 
 
 def shard_metas(shards: str, split: str) -> list[dict]:
-    """meta.json of every sample in the shards (the k-space members are skipped, not decoded)."""
+    """meta.json of every sample in the shards (the k-space members are skipped, not decoded).
+
+    A shard that cannot be read (truncated, damaged) is named in a warning and skipped, as the loader
+    skips it; only members named like a converted sample (`<key>.meta.json`, no path) count.
+    """
     metas = []
     for url in resolve_shards(shards, split):
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if member.name.endswith(".meta.json"):
-                    metas.append(json.load(tar.extractfile(member)))
+        try:
+            with tarfile.open(url) as tar:
+                for member in tar:
+                    named = member_key(member.name)
+                    if member.isreg() and named is not None and named[1] == "meta.json":
+                        metas.append(json.load(tar.extractfile(member)))
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            print(f"[finetune] skipping shard {url}: unreadable ({type(exc).__name__}: {exc}); its samples are "
+                  f"not counted (the loader skips it too)", file=sys.stderr)
     return metas
 
 
@@ -215,23 +224,27 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
 
 
 def save_result(model: ReconModel, cfg: FinetuneConfig, stats: dict[str, Any]) -> Path:
-    """Write the adapter (PEFT format) or, for full / scratch runs, the whole model, into the bank."""
+    """Write the adapter (PEFT format) or, for full / scratch runs, the whole model, into the bank.
+
+    Its files (adapter_config.json + adapter_model.safetensors, or backbone.safetensors +
+    model_config.json, and finetune_info.json) are written into a staging folder that replaces
+    `<bank>/<contrast>_<pattern>` in one step (launch.outputs.publish_dir): a reader sees the old
+    adapter or the new one, never a mismatched pair. The bank entry is locked while it is written.
+    """
     out = Path(cfg.run.adapters) / adapter_name(cfg.adapter.contrast, cfg.adapter.pattern)
     info = {"contrast": cfg.adapter.contrast.lower(), "pattern": cfg.adapter.pattern,
             "accelerations": list(cfg.data.accelerations), "base_model_name_or_path": str(cfg.run.backbone),
             "steps": cfg.run.steps, "trained_shapes": stats.get("shapes", [])}
-    if adapter_parameters(model):
-        return save_adapter(model, out, info)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in model.state_dict().items()}
-    tmp = out / (BACKBONE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "mode": "full" if cfg.run.full_finetune else "scratch"})
-    os.replace(tmp, out / BACKBONE)
-    cfg_tmp = out / (MODEL_CONFIG + ".tmp")
-    cfg_tmp.write_text(json.dumps(dataclasses.asdict(model.config), indent=2) + "\n")
-    os.replace(cfg_tmp, out / MODEL_CONFIG)
-    (out / "finetune_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return out
+    with FolderLock(out):
+        remove_stale_staging(out)
+        staging = staging_path(out)
+        if adapter_parameters(model):
+            save_adapter(model, staging, info)
+        else:
+            write_backbone(staging, model.state_dict(), model.config,
+                           {"mode": "full" if cfg.run.full_finetune else "scratch"})
+            write_atomic(staging / "finetune_info.json", json.dumps(info, indent=2) + "\n")
+        return publish_dir(staging, out)
 
 
 @dataclass
@@ -268,7 +281,12 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> TrainR
     data_cfg = dataclasses.replace(cfg.data, patterns=patterns, mode="train")
     loader = make_loader(data_cfg, rank, world)
     start = 0
+    if main:   # one owner per run folder; only a dead writer's *.incomplete states are removed
+        lock_dir(folder)
+        discard_incomplete(folder / "state", log=lambda msg: print(f"[finetune] {msg}", file=sys.stderr))
+    acc.wait_for_everyone()
     tag = latest_tag(folder / "state") if cfg.run.resume else None
+    owner = state_owner(tag)
     if tag is not None:
         restored = load_state(tag, model, optimizer, rank)
         start = int(restored["step"])
@@ -305,7 +323,7 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> TrainR
         every = cfg.run.checkpoint_every
         if (every > 0 and (step + 1) % every == 0) or step + 1 == cfg.run.steps:
             save_state(folder / "state", step + 1, acc.unwrap_model(ddp_model), optimizer, rank,
-                       loader.state_dict(), acc.wait_for_everyone)
+                       loader.state_dict(), acc.wait_for_everyone, owner=owner)
     if writer is not None:
         writer.close()
     model = acc.unwrap_model(ddp_model)

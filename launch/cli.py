@@ -10,7 +10,8 @@ An unknown key, in the file or in a `--set`, is an error that names the file (or
 key: a typo must never be silently ignored. The resolved config is written next to the outputs
 with `dump_config`, so every run records exactly what it ran with.
 
-This module is stdlib-only (plus tomli_w for writing) so that every stage may import it.
+This module is stdlib-only (plus tomli_w for writing, and launch.outputs, itself stdlib-only) so that
+every stage may import it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import tomli_w
+
+from launch.outputs import write_atomic
 
 T = TypeVar("T")
 
@@ -147,14 +150,26 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return clean(dataclasses.asdict(cfg))
 
 
+def config_differences(recorded: dict[str, Any], wanted: dict[str, Any], ignore: tuple[str, ...] = (),
+                       prefix: str = "") -> list[str]:
+    """'key: recorded -> wanted' for every (dotted) key whose value differs; keys in `ignore` (dotted)
+    are skipped. Used before reusing an output: reuse only what the same config made."""
+    out = []
+    for key in sorted(set(recorded) | set(wanted)):
+        dotted = f"{prefix}{key}"
+        if dotted in ignore:
+            continue
+        a, b = recorded.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, ignore, dotted + ".")
+        elif a != b:
+            out.append(f"{dotted}: {a!r} -> {b!r}")
+    return out
+
+
 def dump_config(cfg: Any, path: str | os.PathLike) -> Path:
-    """Write the resolved config as TOML (temporary name, then rename) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(tomli_w.dumps(config_to_dict(cfg)))
-    os.replace(tmp, path)
-    return path
+    """Write the resolved config as TOML (launch.outputs.write_atomic) and return the path."""
+    return write_atomic(path, tomli_w.dumps(config_to_dict(cfg)))
 
 
 def parse_args(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:

@@ -9,10 +9,19 @@ Layout of a checkpoint directory (`PretrainConfig.checkpoint.dir`):
         cmrfm_rank<r:05d>.pt                 each rank's RNG states (torch, numpy, python) + loader position
 
 Commit protocol (open_clip's "never leave a half-written latest", made multi-rank): every rank writes
-its files, DeepSpeed saves with `save_latest=False` (its own pointer is a plain `open(.., "w")`), all
-ranks meet at a barrier, and only then rank 0 writes `latest` under a temporary name and
-`os.replace`s it. A crash anywhere before that leaves the previous `latest`, and its folder, intact;
-the last k tags are kept and never the one `latest` names.
+its files into `<tag>.incomplete/` (a name `TAG_PATTERN` never matches) and fsyncs them; DeepSpeed
+saves with `save_latest=False` (its own pointer is a plain `open(.., "w")`); all ranks meet at a
+barrier; only then rank 0 adds `cmrfm_complete.json` (step, world size, the run lineage `owner`, the
+file list), renames the folder to `<tag>` and moves `latest` (temporary name, fsync, rename, fsync of
+the folder: launch.outputs.write_atomic). So a `stepNNNNNNNN` folder is complete by construction,
+and a crash anywhere leaves the previous `latest` and its folder intact.
+
+Nothing complete is ever deleted because a pointer is missing: at start-up (`discard_incomplete`,
+rank 0, holding the folder lock so no other run writes here) only `*.incomplete` folders are removed
+(a dead writer's: provably incomplete), and a missing `latest` is recovered from the newest tag that
+carries `cmrfm_complete.json` (said in the log). Pruning keeps the last k tags of this run's lineage
+only: a tag another run wrote (another `owner`) or an older code wrote (no marker) is never pruned.
+A save onto an existing tag name moves the old folder aside (`<tag>.superseded-<time>`), never over it.
 
 Resume: rank 0 alone reads `latest` (ranks may see different files on a stressed shared filesystem)
 and broadcasts the tag; every rank then loads DeepSpeed's state and its own `cmrfm_rank` file. Every
@@ -32,6 +41,8 @@ import os
 import random
 import re
 import shutil
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +51,11 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from launch.cli import config_to_dict
+from launch.outputs import FolderLock, fsync_dir, fsync_tree, write_atomic
 from models.recon import ReconModel
 from models.sizes import ModelConfig, build_model
 
@@ -51,6 +64,8 @@ LATEST = "latest"
 BACKBONE = "backbone.safetensors"
 MODEL_CONFIG = "model_config.json"
 TAG_PATTERN = re.compile(r"^step(\d{8})$")   # tag_for(step); shared with finetune.resume
+INCOMPLETE = ".incomplete"                   # suffix of a tag folder still being written
+COMPLETE_MARKER = "cmrfm_complete.json"      # written last into a tag folder, before its rename
 
 
 
@@ -59,7 +74,8 @@ class CheckpointError(RuntimeError):
 
 
 __all__ = ["CheckpointError", "ResumeState", "save", "resume", "export_backbone", "load_backbone",
-           "read_latest", "tag_for", "prune_tags", "TAG_PATTERN", "LATEST"]
+           "read_latest", "tag_for", "prune_tags", "TAG_PATTERN", "LATEST", "commit_tag", "new_owner",
+           "discard_incomplete", "lock_dir", "tag_owner"]
 
 
 def tag_for(step: int) -> str:
@@ -105,35 +121,76 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+# ---- tag folders: staged, committed, recovered, pruned (shared with finetune.resume) ---------------
+
+def new_owner() -> str:
+    """A fresh run lineage id (a resumed run keeps its lineage's id)."""
+    return uuid.uuid4().hex
+
+
+def staging_dir(ckdir: Path, tag: str) -> Path:
+    """Where every rank writes tag `tag` until rank 0 commits it."""
+    return Path(ckdir) / (tag + INCOMPLETE)
+
+
+def tag_owner(folder: Path) -> str | None:
+    """The lineage that wrote a committed tag folder; None for no (or an unreadable) marker."""
+    try:
+        return str(json.loads((Path(folder) / COMPLETE_MARKER).read_text())["owner"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def commit_tag(ckdir: str | os.PathLike, tag: str, owner: str, info: dict[str, Any], keep: int) -> Path:
+    """Rank 0, after every rank's files of `tag` are in `staging_dir` and fsynced: mark, rename, point
+    `latest` at it, prune this lineage's old tags. Returns the committed folder."""
+    ckdir = Path(ckdir)
+    staging, final = staging_dir(ckdir, tag), ckdir / tag
+    files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+    write_atomic(staging / COMPLETE_MARKER, json.dumps({"tag": tag, "owner": owner, "files": files, **info},
+                                                       indent=1) + "\n")
+    fsync_tree(staging)
+    if final.exists():   # a tag of the same name (another lineage, or a rolled-back `latest`): keep it aside
+        aside = ckdir / f"{tag}.superseded-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        os.replace(final, aside)
+        print(f"checkpoint {final} already existed: moved to {aside.name} (not deleted)", flush=True)
+    os.replace(staging, final)
+    fsync_dir(ckdir)
+    write_atomic(ckdir / LATEST, tag + "\n")
+    prune_tags(ckdir, keep, protect=tag, owner=owner)
+    return final
 
 
 # ---- save ------------------------------------------------------------------------------------------
 
-def save(engine: Any, ckdir: str | os.PathLike, step: int, loader_state: dict[str, Any], cfg: Any, keep: int) -> Path:
+def save(engine: Any, ckdir: str | os.PathLike, step: int, loader_state: dict[str, Any], cfg: Any, keep: int,
+         owner: str) -> Path:
     """Checkpoint after optimizer step `step` (collective: every rank calls it). Returns the tag folder.
 
+    `owner` is the run lineage (`new_owner()`, or `ResumeState.owner`); only its tags are pruned.
     `latest` moves to the new tag only after every rank finished writing (see the module docstring).
     """
     ckdir, tag, rank = Path(ckdir), tag_for(step), _rank()
-    (ckdir / tag).mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save({"schema": SCHEMA_VERSION, "step": step, "rank": rank, "rng": rng_state(),
-                        "loader": loader_state}, _rank_file(ckdir, tag, rank))
+    staging = staging_dir(ckdir, tag)
     client = {"cmrfm": {"schema": SCHEMA_VERSION, "step": step, "world_size": engine.world_size,
                         "config": json.dumps(config_to_dict(cfg))}}
-    engine.save_checkpoint(str(ckdir), tag=tag, client_state=client, save_latest=False)
-    _barrier()   # every rank's files are on disk before the pointer moves
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save({"schema": SCHEMA_VERSION, "step": step, "rank": rank, "rng": rng_state(),
+                            "loader": loader_state}, _rank_file(ckdir, staging.name, rank))
+        engine.save_checkpoint(str(ckdir), tag=staging.name, client_state=client, save_latest=False)
+        fsync_tree(staging)   # each rank makes its own files durable (nodes may not share a page cache)
+    except (OSError, RuntimeError) as exc:   # a full disk surfaces as either (torch.save: RuntimeError)
+        free = shutil.disk_usage(ckdir).free if ckdir.exists() else 0
+        raise CheckpointError(f"{staging}: writing checkpoint {tag} failed on rank {rank} ({type(exc).__name__}: "
+                              f"{exc}; {free / 2**20:.1f} MiB free); {ckdir / LATEST} still names the previous "
+                              f"checkpoint") from exc
+    _barrier()            # every rank's files are on disk before the folder is committed
     if rank == 0:
-        _atomic_write_text(ckdir / LATEST, tag + "\n")
-        prune_tags(ckdir, keep, protect=tag)
+        commit_tag(ckdir, tag, owner, {"step": step, "world_size": engine.world_size}, keep)
     _barrier()
     return ckdir / tag
 
@@ -142,13 +199,14 @@ def _tags(ckdir: Path) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for p in ckdir.iterdir() if p.is_dir() and (m := TAG_PATTERN.match(p.name)))
 
 
-def prune_tags(ckdir: Path, keep: int, protect: str) -> None:
-    """Delete all but the newest `keep` complete tags (never `protect`, the one `latest` names)."""
+def prune_tags(ckdir: Path, keep: int, protect: str, owner: str) -> None:
+    """Delete all but the newest `keep` tags of lineage `owner` up to `protect` (the one `latest`
+    names, never deleted). Tags of other lineages, or without a marker, are never touched."""
     latest_step = int(TAG_PATTERN.match(protect).group(1))
-    complete = [(s, p) for s, p in _tags(ckdir) if s <= latest_step]
-    for _, path in complete[: max(len(complete) - max(keep, 1), 0)]:
+    mine = [(s, p) for s, p in _tags(ckdir) if s <= latest_step and tag_owner(p) == owner]
+    for _, path in mine[: max(len(mine) - max(keep, 1), 0)]:
         if path.name != protect:
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path)
 
 
 # ---- resume ----------------------------------------------------------------------------------------
@@ -160,6 +218,7 @@ class ResumeState:
     step: int
     tag: str
     loader: dict[str, Any]
+    owner: str = ""
 
 
 def read_latest(ckdir: str | os.PathLike) -> str | None:
@@ -222,20 +281,54 @@ def resume(engine: Any, ckdir: str | os.PathLike) -> ResumeState | None:
     except Exception as exc:   # a truncated/corrupt file raises one of several types
         raise CheckpointError(f"{rank_path}: cannot load ({type(exc).__name__}: {exc})") from exc
     set_rng_state(mine["rng"])
-    return ResumeState(step=int(client["cmrfm"]["step"]), tag=tag, loader=mine["loader"])
+    return ResumeState(step=int(client["cmrfm"]["step"]), tag=tag, loader=mine["loader"],
+                       owner=tag_owner(ckdir / tag) or new_owner())
 
 
-def discard_incomplete(ckdir: str | os.PathLike) -> list[Path]:
-    """Rank 0 at start-up: delete tag folders newer than `latest` (left by a crash while saving)."""
+_LOCKS: dict[Path, FolderLock] = {}
+
+
+def lock_dir(ckdir: str | os.PathLike) -> FolderLock:
+    """Rank 0: own checkpoint folder `ckdir` until the process ends (a second run writing there fails
+    at once with the owner's pid: two runs interleaving tags and `latest` would corrupt both)."""
+    path = Path(ckdir).resolve()
+    if path not in _LOCKS:
+        _LOCKS[path] = FolderLock(path).acquire()
+    return _LOCKS[path]
+
+
+def discard_incomplete(ckdir: str | os.PathLike, log: Any = print) -> list[Path]:
+    """Rank 0 at start-up, holding `lock_dir(ckdir)`: remove `<tag>.incomplete` folders (a dead writer's:
+    the lock proves no live run is writing them) and recover a missing `latest` from the newest tag
+    that carries the completion marker. Complete tags are never deleted. Returns the removed folders."""
     ckdir = Path(ckdir)
     if not ckdir.exists():
         return []
-    latest = read_latest(ckdir)
-    newest = int(TAG_PATTERN.match(latest).group(1)) if latest else -1
-    stale = [p for s, p in _tags(ckdir) if s > newest]
+    stale = sorted(p for p in ckdir.iterdir()
+                   if p.is_dir() and p.name.endswith(INCOMPLETE) and TAG_PATTERN.match(p.name[: -len(INCOMPLETE)]))
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path)
+        log(f"removed incomplete checkpoint {path} (a crash while saving)")
+    recover_latest(ckdir, log)
     return stale
+
+
+def recover_latest(ckdir: Path, log: Any = print) -> str | None:
+    """When `latest` is missing, point it at the newest committed tag (marker present) and say so."""
+    if (ckdir / LATEST).exists():
+        return None
+    tags = _tags(ckdir)
+    complete = [p for _, p in tags if (p / COMPLETE_MARKER).is_file()]
+    unmarked = [p.name for _, p in tags if not (p / COMPLETE_MARKER).is_file()]
+    if unmarked:
+        log(f"{ckdir}: kept {', '.join(unmarked)} (no {COMPLETE_MARKER}: written by an older cmrfm or another "
+            f"tool, so not known to be complete; never deleted, never resumed from automatically)")
+    if not complete:
+        return None
+    write_atomic(ckdir / LATEST, complete[-1].name + "\n")
+    log(f"{ckdir / LATEST} was missing: recovered it from the newest complete checkpoint {complete[-1].name} "
+        f"(to start fresh instead, set checkpoint.resume=false or another checkpoint.dir)")
+    return complete[-1].name
 
 
 # ---- backbone export for fine-tuning ------------------------------------------------------------
@@ -264,17 +357,27 @@ def export_backbone(engine: Any, run_dir: str | os.PathLike, step: int | None = 
     if state is None:
         _barrier()
         return None
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    path = write_backbone(run_dir, state, engine.module.config, {"step": str(step if step is not None else -1)})
+    _barrier()
+    return path
+
+
+def write_backbone(folder: str | os.PathLike, state: dict[str, torch.Tensor], config: ModelConfig,
+                   metadata: dict[str, str] | None = None) -> Path:
+    """`<folder>/backbone.safetensors` (float32) + `<folder>/model_config.json`, as one atomic step.
+
+    The ModelConfig travels inside the safetensors metadata, so the weights file alone is a complete,
+    consistent record (one rename publishes it); model_config.json is the readable copy written after
+    it. A crash between the two leaves a stale json beside new weights: `load_backbone` trusts the
+    metadata, so the pair can never be mismatched.
+    """
+    folder = Path(folder)
     # clone: safetensors refuses tensors that share storage (shared-weight cascades)
     tensors = {k: v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in state.items()}
-    path = run_dir / BACKBONE
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "schema": str(SCHEMA_VERSION),
-                                           "step": str(step if step is not None else -1)})
-    os.replace(tmp, path)
-    _atomic_write_text(run_dir / MODEL_CONFIG, json.dumps(dataclasses.asdict(engine.module.config), indent=2) + "\n")
-    _barrier()
+    config_json = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+    meta = {"format": "pt", "schema": str(SCHEMA_VERSION), MODEL_CONFIG: config_json, **(metadata or {})}
+    path = write_atomic(folder / BACKBONE, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_atomic(folder / MODEL_CONFIG, config_json)
     return path
 
 
@@ -287,20 +390,27 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
     path = Path(path)
     weights = path / BACKBONE if path.is_dir() else path
     config_path = weights.with_name(MODEL_CONFIG)
-    for f in (weights, config_path):
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing (expected {BACKBONE} + {MODEL_CONFIG} from pretrain.checkpoint.export_backbone)")
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing (expected {BACKBONE} from pretrain.checkpoint.export_backbone)")
     try:
-        cfg = ModelConfig(**json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise CheckpointError(f"{config_path}: not a ModelConfig ({exc})") from exc
-    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            embedded = (fh.metadata() or {}).get(MODEL_CONFIG)
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights}: cannot read safetensors ({exc})") from exc
+    source = f"{weights} (metadata)"
+    if embedded is None:   # written before the config travelled inside the weights file
+        if not config_path.is_file():
+            raise CheckpointError(f"{config_path}: missing (expected {BACKBONE} + {MODEL_CONFIG} from "
+                                  f"pretrain.checkpoint.export_backbone)")
+        embedded, source = config_path.read_text(), str(config_path)
+    try:
+        cfg = ModelConfig(**json.loads(embedded))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise CheckpointError(f"{source}: not a ModelConfig ({exc})") from exc
     model = build_model(cfg, device=device)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{weights}: weights do not match {config_path} ({exc})") from exc
+        raise CheckpointError(f"{weights}: weights do not match {source} ({exc})") from exc
     return model

@@ -48,7 +48,7 @@ def evaluate(model: Any, batches: Iterable[dict], device: str | torch.device, ma
 
     Args:
         model: the DeepSpeed engine or a ReconModel: (kspace, mask, meta) -> dict with "image".
-        batches: loader batches (`kspace`, `mask`, `target`, `has_target`, `meta`; shapes as in design.md).
+        batches: loader batches (`kspace`, `mask`, `target`, `has_target`, `meta`; shapes as in docs/design.md §2).
     Returns:
         {"psnr", "ssim", "psnr_zf", "ssim_zf", "scored"}; nan scores when no sample had a reference.
     """

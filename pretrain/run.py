@@ -54,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     engine = build_engine(cfg, dist, config)
 
     ckdir = checkpoint_dir(cfg)
-    start = 0
+    start, owner = 0, checkpoint.new_owner()   # the lineage whose old tags this run may prune
     if cfg.checkpoint.resume:
         state = checkpoint.resume(engine, ckdir)
         if state is not None:
             loader.load_state_dict(state.loader)
-            start = state.step
+            start, owner = state.step, state.owner
     book = Logbook(dist, cfg.log, run_dir, start, cfg.run.steps)
     book.print(f"world {dist.world_size} x micro-batch {cfg.data.micro_batch} x accumulation "
                f"{cfg.deepspeed.grad_accum} = global batch {config['train_batch_size']}; ZeRO-{cfg.deepspeed.zero_stage}, "
@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
                + (f"resumed from {ckdir / checkpoint.tag_for(start)}" if start else "fresh start"))
 
     try:
-        step, preempted = train_loop(engine, loader, cfg, dist, book, start, stop)
+        step, preempted = train_loop(engine, loader, cfg, dist, book, start, stop, owner)
     finally:
         book.close()
 
     if step > start or preempted:
-        checkpoint.save(engine, ckdir, step, loader.state_dict(), cfg, cfg.checkpoint.keep)
+        checkpoint.save(engine, ckdir, step, loader.state_dict(), cfg, cfg.checkpoint.keep, owner)
     if preempted:
         book.print(f"preempted: checkpoint {ckdir / checkpoint.tag_for(step)} written at step {step}; exiting 0")
     elif cfg.checkpoint.export:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_loop(engine: Any, loader: ShardLoader, cfg: PretrainConfig, dist: DistEnv, book: Logbook,
-               start: int, stop: "StopFlag") -> tuple[int, bool]:
+               start: int, stop: "StopFlag", owner: str = "") -> tuple[int, bool]:
     """Steps start+1 .. run.steps; returns (last step done, preempted?). The final save is main's job."""
     batches = iter(loader)     # the training loader is endless (a fresh seeded permutation per epoch)
     step = start
@@ -96,8 +96,9 @@ def train_loop(engine: Any, loader: ShardLoader, cfg: PretrainConfig, dist: Dist
         step += 1
         book.step(step, step_metrics(**metrics, seconds=time.perf_counter() - tick), loader.skipped)
         preempted = stop.agreed()
-        if step < cfg.run.steps and not preempted and step % cfg.checkpoint.every == 0:
-            checkpoint.save(engine, checkpoint_dir(cfg), step, loader.state_dict(), cfg, cfg.checkpoint.keep)
+        every = cfg.checkpoint.every   # 0: only at the end (and on preemption), as fine-tuning
+        if step < cfg.run.steps and not preempted and every > 0 and step % every == 0:
+            checkpoint.save(engine, checkpoint_dir(cfg), step, loader.state_dict(), cfg, cfg.checkpoint.keep, owner)
         if cfg.log.eval_shards and ((cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.run.steps):
             book.evaluation(step, evaluate(engine, eval_batches(cfg), dist.device, cfg.log.eval_batches))
         if preempted:
@@ -135,14 +136,15 @@ def eval_batches(cfg: PretrainConfig) -> Iterator[dict]:
 
 
 def prepare_run_dir(cfg: PretrainConfig, dist: DistEnv, config: dict) -> Path:
-    """Create the run directory; rank 0 records the resolved config and ds_config.json, drops crash leftovers."""
+    """Create the run directory; rank 0 takes the checkpoint folder's lock, records the resolved config and
+    ds_config.json, and drops only provably incomplete checkpoint writes (pretrain.checkpoint)."""
     run_dir = Path(cfg.run.dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.lock_dir(checkpoint_dir(cfg))   # before anything is written: a second run stops here
         dump_config(cfg, run_dir / "config.toml")
         write_ds_config(config, run_dir)
-        for stale in checkpoint.discard_incomplete(checkpoint_dir(cfg)):
-            print(f"removed incomplete checkpoint {stale} (newer than latest: a crash while saving)", flush=True)
+        checkpoint.discard_incomplete(checkpoint_dir(cfg), log=lambda msg: print(msg, flush=True))
     tdist.barrier()
     return run_dir
 

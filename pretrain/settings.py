@@ -62,7 +62,7 @@ class CheckpointConfig:
     dir: str = ""
     """Checkpoint directory; "" means <run.dir>/checkpoints. Holds one folder per tag and the `latest` pointer."""
     every: int = 50
-    """Save every this many optimizer steps (and always at the end and on SIGTERM/SIGUSR1)."""
+    """Save every this many optimizer steps (and always at the end and on SIGTERM/SIGUSR1); 0 = only then."""
     keep: int = 2
     """Keep the last k checkpoints; older tag folders are deleted after `latest` moved on."""
     resume: bool = True

@@ -12,7 +12,13 @@ One sample per (file, slice) (schema: shards.sample). Output, per split::
 Safety: each shard is written as ``*.tar.tmp`` (fsynced) and renamed when complete; the manifest is
 replaced only at the very end. A run that fails half-way therefore leaves the previous manifest and
 every shard it lists untouched; new shards never reuse an existing file name. A rerun skips the
-source files the manifest lists (files that failed are tried again).
+source files the manifest lists (files that failed are tried again). One converter owns `out` at a
+time (launch.outputs.FolderLock: a second one fails at once instead of picking the same shard
+names); holding the lock, it removes the `*.tar.tmp` a killed converter left (provably incomplete).
+`out` may not be, contain or lie inside `input`.
+
+Exit status (`python -m shards.convert`): 0 every file converted; 3 (EXIT_SKIPPED) done, but files
+failed (each named in the output and the manifest's `errors`); 2 a config, path or layout error.
 
 Speed: the files are first planned into shards (whole files, input order, sizes from the file
 headers), then a process pool (`workers`, default 2 = both cores) writes one shard per task: read
@@ -32,6 +38,7 @@ import logging
 import multiprocessing
 import os
 import re
+import sys
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -44,7 +51,8 @@ import scipy.io
 from tqdm import tqdm
 
 from launch.cli import config_to_dict, dump_config, parse_args
-from shards.layout import Case, scan
+from launch.outputs import EXIT_SKIPPED, EXIT_USAGE, FolderLock, OutputError, check_separate, fsync_dir
+from shards.layout import Case, LayoutError, scan
 from shards.manifest import Manifest, ManifestError, ShardEntry
 from shards.matfile import MatFileError, mat_format, read_kspace, read_mask
 from shards.normalise import kspace_scale
@@ -226,6 +234,7 @@ class ShardSink:
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.out / (self.name + ".tmp"), self.out / self.name)
+        fsync_dir(self.out)   # the rename itself is durable before the manifest can list the shard
         self.entry = ShardEntry(name=self.name, split=self.split, samples=self._count, bytes=self._hf.n,
                                 sha256=self._hf.h.hexdigest())
         self._tar = None
@@ -350,9 +359,19 @@ def _duplicates(cases: list[Case], root: str) -> tuple[list[Case], list[dict[str
 
 def convert(cfg: ConvertConfig) -> Manifest:
     """Convert `cfg.input` into shards under `cfg.out`; return the manifest written last."""
+    check_separate(cfg.input, [cfg.out])
     found = scan(cfg.input, cfg.year or None)          # an empty/unrecognised tree fails before any write
-    root, out = str(Path(cfg.input).resolve()), Path(cfg.out)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out):
+        for stale in sorted(out.glob("*.tar.tmp")):    # a killed converter's shard: never listed, never complete
+            log.warning("removing %s: an incomplete shard of an interrupted conversion", stale)
+            stale.unlink()
+        return _convert_locked(cfg, found, out)
+
+
+def _convert_locked(cfg: ConvertConfig, found: Any, out: Path) -> Manifest:
+    root = str(Path(cfg.input).resolve())
     old = Manifest.read_if_exists(out)
     if old is not None and old.schema_version != SCHEMA_VERSION:
         raise ManifestError(f"{out}: manifest has schema {old.schema_version}, this code writes {SCHEMA_VERSION}")
@@ -385,17 +404,22 @@ def convert(cfg: ConvertConfig) -> Manifest:
     return manifest
 
 
-def main(argv: list[str] | None = None) -> Manifest:
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 all converted, 3 (EXIT_SKIPPED) some files failed, 2 (EXIT_USAGE) nothing done."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_args(ConvertConfig, argv, description=__doc__.splitlines()[0])
-    manifest = convert(cfg)
+    try:
+        manifest = convert(cfg)
+    except (LayoutError, ConvertError, ManifestError, OutputError) as exc:
+        print(f"convert: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     for e in manifest.errors:
         print(f"error: {e['problem']}")
     print(f"{cfg.out}: {len(manifest.shards)} shards, {manifest.samples()} samples "
           f"({', '.join(f'{s}: {manifest.samples(s)}' for s in sorted({e.split for e in manifest.shards}))}), "
           f"{len(manifest.errors)} errors")
-    return manifest
+    return EXIT_SKIPPED if manifest.errors else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launch.trees import find_files
+
 SPLITS = {"TrainingSet": "train", "ValidationSet": "val", "TestSet": "test"}
 _SCANNER = re.compile(r"^(?P<vendor>[A-Za-z]+)_(?P<field>\d+)T_(?P<model>.+)$")
 _PATIENT = re.compile(r"^P\d+$")
@@ -190,10 +192,19 @@ def scan(root: str | os.PathLike, year: int | None = None) -> Scan:
     root = Path(root).resolve()
     if not root.is_dir():
         raise LayoutError(f"{root}: not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix in (".mat", ".h5") and p.is_file())
+    found, walk_problems = find_files(root)           # symlinked folders followed; broken links reported
+    files = [p for p in found if p.suffix in (".mat", ".h5")]
     if not files:
-        raise LayoutError(f"{root}: empty folder (no .mat or .h5 files below it)")
+        raise LayoutError(f"{root}: empty folder (no .mat or .h5 files below it)"
+                          + (f"; {len(walk_problems)} entries could not be walked: {walk_problems[0]}" if walk_problems else ""))
     cases, ignored = [], []
+    for problem in walk_problems:
+        where, _, why = problem.partition(": ")
+        try:
+            where = Path(where).relative_to(root).as_posix()
+        except ValueError:
+            pass
+        ignored.append((where, why))
     for path in files:
         if path.suffix == ".h5":
             cases.append(_fastmri_case(root, path))

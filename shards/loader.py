@@ -40,7 +40,10 @@ random draws -> same tensors) and starts the DataLoader workers rotated so that 
 continues with the right one: the restored loader yields exactly the batch the original would have.
 
 Bad data: a sample that fails to decode or process, and the unread rest of a truncated tar, is
-skipped with a warning naming __url__ and __key__ and counted (`loader.skipped`).
+skipped with a warning naming __url__ and __key__ and counted (`loader.skipped`). Bounded: a training
+stream that draws every one of its shards in a row without one usable sample raises ShardError naming
+them (tars gone under a valid manifest, every sample refused) instead of looping forever. Shards a
+manifest lists that are not on disk are named when the loader is built (all gone: an error).
 """
 
 from __future__ import annotations
@@ -104,18 +107,44 @@ class LoaderConfig:
 # --------------------------------------------------------------------------------------------- shards
 
 
+#: what to run when the shards a config names are not there (the README's fresh-clone path)
+MAKE_SHARDS = ("python -m shards.synthetic --set out=data/synthetic && "
+               "python -m shards.convert --set input=data/synthetic --set out=out/shards")
+
+
+class ShardError(ValueError):
+    """Shards that are missing, unreadable or yield no usable sample; the message names them."""
+
+
 def resolve_shards(spec: str, split: str) -> list[str]:
-    """Shard paths: the manifest's list for `split` (a directory), or a brace pattern / glob."""
+    """Shard paths: the manifest's list for `split` (a directory), or a brace pattern / glob.
+
+    A path that does not exist, a pattern that matches nothing, and a manifest whose shards are all
+    gone are errors that say so (and how shards are made); some shards gone is a warning naming them.
+    """
     path = Path(spec)
     if path.is_dir():
         manifest = Manifest.read(path)
         if manifest.schema_version != SCHEMA_VERSION:
             raise ValueError(f"{path / MANIFEST_NAME}: schema {manifest.schema_version}, reader is {SCHEMA_VERSION}")
         urls = [str(p) for p in manifest.shard_paths(path, split)]
+        gone = [u for u in urls if not Path(u).is_file()]
+        if gone and len(gone) == len(urls):
+            raise ShardError(f"{path / MANIFEST_NAME} lists {len(urls)} {split} shards and none is on disk "
+                             f"(e.g. {gone[0]}); convert again: python -m shards.convert --set out={spec} ...")
+        if gone:
+            log.warning("%s: %d of %d listed %s shards are missing and will not be read: %s", path / MANIFEST_NAME,
+                        len(gone), len(urls), split, ", ".join(gone[:5]))
+            urls = [u for u in urls if u not in gone]
+    elif not any(c in spec for c in "*?[{"):
+        raise ShardError(f"{spec}: does not exist. Shards are made by: {MAKE_SHARDS} "
+                         f"(or set data.shards to a converted folder)")
     else:
-        urls = sorted({u for pat in braceexpand.braceexpand(spec) for u in (glob.glob(pat) or [pat])})
+        urls = sorted({u for pat in braceexpand.braceexpand(spec) for u in glob.glob(pat)})
+        if not urls:
+            raise ShardError(f"{spec}: the pattern matches no file")
     if not urls:
-        raise ValueError(f"{spec}: no shards (split {split!r})")
+        raise ShardError(f"{spec}: no shards (split {split!r})")
     return urls
 
 
@@ -267,6 +296,7 @@ class _Stream:
         self.pending = [tuple(p) for p in state["pending"]]
         self.skipped = int(state["skipped"])
         self.done = bool(state["done"])
+        self.fruitless: list[str] = []   # shards drawn in a row that gave no usable sample (bounded)
 
     def state(self, pending: list[tuple[int, int]]) -> dict:
         return {"next": list(self.next), "pending": [list(p) for p in pending], "skipped": self.skipped,
@@ -299,6 +329,12 @@ class _Stream:
     def tar(self, shards: Iterator[tuple[int, int, int]]) -> Iterator[tuple[tuple[int, int], str, dict]]:
         for d, _, shard in shards:
             url, key = self.urls[shard], "(start of shard)"
+            if self.train and len(self.fruitless) >= max(self.plan.per_epoch(self.worker), 1):
+                # every shard of this worker tried in a row, nothing usable: an endless loop otherwise
+                raise ShardError(f"worker {self.worker}: no usable sample in {len(self.fruitless)} shards in a row "
+                                 f"({', '.join(sorted(set(self.fruitless))[:8])}); {self.skipped} samples skipped: "
+                                 f"every shard this rank reads is unreadable or refused")
+            self.fruitless.append(url)
             start = self.next[1] if d == self.next[0] else 0
             try:
                 for off, key, files in _raw_samples(url, start):
@@ -380,7 +416,9 @@ class _Stream:
     def _prepare_one(self, pos: tuple[int, int], sample: Sample) -> dict | None:
         epoch, shard = self.plan.draw(self.worker, pos[0])
         try:
-            return prepare(sample, self._rng(epoch, shard, pos[1]), self.cfg, self.train)
+            example = prepare(sample, self._rng(epoch, shard, pos[1]), self.cfg, self.train)
+            self.fruitless.clear()
+            return example
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             self._skip(sample.extra["__url__"], sample.key, exc)
             return None

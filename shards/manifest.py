@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launch.outputs import write_atomic
+
 MANIFEST_NAME = "manifest.json"
 
 
@@ -59,15 +61,9 @@ class Manifest:
         return sum(s.samples for s in self.shards if split is None or s.split == split)
 
     def write(self, directory: str | os.PathLike) -> Path:
-        """Write `<directory>/manifest.json` atomically (temporary file, fsync, os.replace)."""
-        path = Path(directory) / MANIFEST_NAME
-        tmp = path.with_name(MANIFEST_NAME + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        """Write `<directory>/manifest.json` atomically (temporary file, fsync, rename, fsync of the folder)."""
+        text = json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+        return write_atomic(Path(directory) / MANIFEST_NAME, text)
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> "Manifest":

@@ -38,7 +38,7 @@ ARRAY_MEMBERS: dict[str, tuple[np.dtype, int]] = {
 META_MEMBER = "meta.json"
 MEMBERS = (*ARRAY_MEMBERS, META_MEMBER)
 
-#: keys every meta.json carries (docs: design.md "Data conventions").
+#: keys every meta.json carries (docs/design.md §2, "Data conventions").
 META_KEYS = (
     "key", "year", "split", "task", "set", "center", "scanner", "vendor", "field_T", "model", "patient",
     "modality", "file", "view", "slice", "nz", "shape", "pattern", "R", "source", "scale",
@@ -63,6 +63,15 @@ def sample_key(year: int | None, split: str, task: str, set_: str, center: str, 
     parts = ["fastmri" if year is None else str(year), split, task, set_, center or "none", scanner or "none",
              patient or "none", stem]
     return "__".join(_UNSAFE.sub("-", p) for p in parts) + f"__s{slice_:03d}"
+
+
+def member_key(name: str) -> tuple[str, str] | None:
+    """(key, member) of a tar member name `<key>.<member>`, or None for a name no converter writes:
+    a path (`/`, `..`), an empty key, or a key with characters `sample_key` never produces."""
+    key, dot, member = name.partition(".")
+    if not dot or not key or "/" in name or "\\" in name or _UNSAFE.search(key):
+        return None
+    return key, member
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:

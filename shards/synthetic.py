@@ -34,6 +34,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field, replace
@@ -42,7 +43,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from launch.cli import dump_config, parse_args
+from launch.cli import config_differences, config_to_dict, dump_config, load_config, parse_args
+from launch.outputs import FolderLock, write_atomic
 from shards.fft import fft2c, ifft2c
 from challenge.masks import ACCELERATIONS_2025, ACS_2024, PATTERNS_2025, effective_acceleration, make_mask, mask_name
 from shards.matfile import write_fastmri, write_mat5, write_mat73
@@ -453,10 +455,53 @@ def _validate(cfg: SyntheticConfig) -> None:
             raise ValueError(f"scanner entry {entry!r} is not 'CenterNNN/Vendor_FieldT_Model'") from None
 
 
+#: config fields that do not change a single byte of the corpus (files are seeded per file)
+_NOT_CONTENT = ("out", "workers")
+
+
+def existing_corpus(cfg: SyntheticConfig) -> bool:
+    """Whether `cfg.out` already holds exactly this corpus (same config, every indexed file present).
+
+    An empty or missing folder: False (write it). A folder another config wrote, or that is not a
+    corpus of this writer, raises ValueError naming the differences: writing into it would mix two
+    corpora (an index listing 10 files with 33 on disk), and anything that reuses a corpus by its
+    config would then measure a different corpus than it claims.
+    """
+    root = Path(cfg.out)
+    if not root.exists() or not any(root.iterdir()):
+        return False
+    recorded = root / "synthetic_config.toml"
+    if not recorded.is_file():
+        raise ValueError(f"{root}: not empty and not a synthetic corpus (no synthetic_config.toml); "
+                         f"choose an empty or new out folder")
+    diffs = config_differences(config_to_dict(load_config(SyntheticConfig, recorded)), config_to_dict(cfg),
+                               ignore=_NOT_CONTENT)
+    if diffs:
+        raise ValueError(f"{root}: holds a synthetic corpus written with another config ({'; '.join(diffs[:5])}); "
+                         f"choose another out folder or remove this one")
+    index = root / "synthetic_index.json"
+    if not index.is_file():
+        return False   # the same corpus, interrupted: rewriting gives the same bytes
+    entries = json.loads(index.read_text())["files"]
+    return all((root / e["path"]).is_file() for e in entries)
+
+
 def write_corpus(cfg: SyntheticConfig) -> Path:
-    """Write the whole corpus under cfg.out and return that path (see the module docstring)."""
+    """Write the whole corpus under cfg.out and return that path (see the module docstring).
+
+    An out folder that already holds this corpus is reused as it is; one holding anything else is
+    refused (`existing_corpus`). One writer per folder (launch.outputs.FolderLock).
+    """
     _validate(cfg)
     root = Path(cfg.out)
+    with FolderLock(root):
+        if existing_corpus(cfg):
+            print(f"{root}: already holds this corpus (same config); reusing it", file=sys.stderr)
+            return root
+        return _write_corpus(cfg, root)
+
+
+def _write_corpus(cfg: SyntheticConfig, root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, root / "synthetic_config.toml")
     jobs = _plan(cfg)
@@ -486,9 +531,7 @@ def write_corpus(cfg: SyntheticConfig) -> Path:
     bar.close()
     entries.sort(key=lambda e: e["path"])
     index = {"seed": cfg.seed, "files": entries, "bytes": nbytes}
-    tmp = root / ".synthetic_index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, root / "synthetic_index.json")
+    write_atomic(root / "synthetic_index.json", json.dumps(index, indent=1))
     return root
 
 

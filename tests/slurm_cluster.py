@@ -32,6 +32,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,8 +89,9 @@ class JobDeadline(AssertionError):
 
 
 def venv_dir() -> Path:
-    """The project's virtual environment the jobs must use: $CMRFM_VENV, else <repo>/.venv."""
-    return Path(os.environ.get("CMRFM_VENV") or REPO / ".venv")
+    """The environment the jobs must use: $CMRFM_VENV, else the one running these tests (sys.prefix:
+    a venv anywhere, a conda env), as the sbatch scripts default to the python on PATH."""
+    return Path(os.environ.get("CMRFM_VENV") or sys.prefix)
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None, check: bool = True, timeout: float = 60,

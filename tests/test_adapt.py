@@ -66,12 +66,13 @@ def test_adaptation_reads_no_reference_changes_the_output_and_lowers_the_heldout
     assert {Path(k).name for k in changed} == adapted_files
     # saved beside the outputs (not inside the submission tree), in the PEFT layout, loadable
     for key, r in report["adapt"].items():
-        folder = Path(r["folder"])
-        assert folder.is_relative_to(tmp_path / "adapted_adapted") and (folder / WEIGHTS_NAME).is_file()
+        folder = tmp_path / "adapted_adapted" / r["folder"]
+        assert (folder / WEIGHTS_NAME).is_file()
         config = json.loads((folder / CONFIG_NAME).read_text())
         assert config["status"] == r["status"] and config["adapt"]["steps"] == 8
         load_adapter(load_backbone(tiny_backbone), folder)
     assert not list((tmp_path / "adapted").rglob(WEIGHTS_NAME))
+    assert json.loads((tmp_path / "adapted_adapted" / "adapt_report.json").read_text()) == report["adapt"]
     assert any("held-out SSDU loss" in m for m in logs)
 
 

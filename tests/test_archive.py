@@ -118,3 +118,19 @@ def test_extract_refuses_members_outside_the_folder(tmp_path: Path) -> None:
     with zipfile.ZipFile(nested, "w") as z:  # a top folder, as a zip of the folder would have
         z.writestr("Submission/TaskR1/MultiCoil/Cine/x.mat", b"x")
     assert extract_archive(nested, tmp_path / "y") == tmp_path / "y" / "Submission"
+
+
+def test_symlinked_folders_are_packed_and_broken_links_named(tmp_path: Path) -> None:
+    """Issue 11 item 11: a reconstruction tree assembled with a symlinked task folder lost its files
+    without a word (rglob does not follow links); now they are packed, and a broken link is a problem."""
+    inputs, recon, _, names = make_trees(tmp_path)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for task_dir in recon.iterdir():
+        if task_dir.is_dir():
+            (linked / task_dir.name).symlink_to(task_dir)            # every task folder is a link
+    plan = plan_archive(linked, inputs)
+    assert not plan.problems, plan.problems
+    assert sorted(rel for rel, _ in plan.files) == names
+    (linked / "TaskS1").symlink_to(tmp_path / "gone")
+    assert any("TaskS1: broken symlink" in p for p in plan_archive(linked, inputs).problems)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -221,3 +222,37 @@ def test_evaluate_end_to_end(tmp_path: Path) -> None:
     again = {r.case.stem: r.score.psnr for r in ev.rows}
     first = {r["contrast"]: float(r["psnr"]) for r in rows if r["method"] == "zero_filled"}
     assert again == pytest.approx(first, abs=1e-6)
+
+
+def test_nested_trees_and_duplicates_are_refused_not_counted(tmp_path: Path) -> None:
+    """Issue 11 item 3: a baseline tree written inside the submission tree (`rs/_zero_filled`) made
+    evaluation count 4 of 2 files (SSIM_adj 2.0). Nested and duplicate files are now named in
+    problems.csv, never scored, and the exit status is 3; the scores equal those of the clean tree."""
+    root = tmp_path / "val"
+    kus = make_tree(root)
+    rs = tmp_path / "rs"
+    assert reconstruct_tree(ReconstructConfig(input=str(root), out=str(rs), progress=False,
+                                              classical=ClassicalConfig(method="zero_filled"))) == []
+    clean = evaluate.run(evaluate.EvalConfig(recon=str(rs), reference=str(root), out=str(tmp_path / "e0"),
+                                             figures=False, progress=False))
+    shutil.copytree(rs, tmp_path / "copy")
+    shutil.move(str(tmp_path / "copy"), rs / "_zero_filled")     # the nested baseline of the report
+    dup = submission_path(kus["cine_sax"], rs)
+    shutil.copy(dup, dup.with_name("cine_sax_kus_ktRadial16.mat"))  # a second file for the same case
+    out = tmp_path / "eval"
+    rc = evaluate.main(["--set", f"recon={rs}", "--set", f"reference={root}", "--set", f"out={out}",
+                        "--set", "progress=false", "--set", "figures=false"])
+    assert rc == 3
+    res = json.loads((out / "results.json").read_text())
+    n = len(CASES)
+    assert res["Num_Files"] == f"{n}/{n}"
+    assert float(res["Mean_of_all_centers_SSIM_adj"]) <= 1.0
+    for key in ("Mean_of_all_centers_PSNR_adj", "Mean_of_all_centers_SSIM_adj"):
+        assert float(res[key]) == pytest.approx(float(clean.results["cmrfm"]["TaskR1"]["challenge_exact"][key]))
+    problems = _read_csv(out / "problems.csv")
+    nested = [p for p in problems if "_zero_filled" in p["path"]]
+    assert len(nested) == n and all("unexpected file" in p["message"] for p in nested)
+    assert any("duplicate" in p["message"] and "cine_sax_kus_ktRadial16" in p["path"] for p in problems)
+    inside = evaluate.main(["--set", f"recon={rs}", "--set", f"reference={root}", "--set", f"out={rs}/eval",
+                            "--set", "progress=false", "--set", "figures=false"])
+    assert inside == 2 and not (rs / "eval").exists()          # tables would be extra files in the submission

@@ -149,3 +149,32 @@ def test_unknown_contrast_is_an_error_not_a_hang(shard_dir: Path, backbone: Path
     cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, contrast="spectroscopy"))
     with pytest.raises(ValueError, match="no training sample"):
         train(cfg)
+
+
+def test_shard_metas_skips_a_truncated_shard_by_name_and_ignores_path_members(shard_dir: Path, tmp_path: Path,
+                                                                              capsys) -> None:
+    """Issue 11 item 9: one truncated shard crashed fine-tuning at start with a bare tarfile.ReadError;
+    a member named `../../x.meta.json` counted as a sample."""
+    import io
+    import shutil
+    import tarfile
+
+    from finetune.train import shard_metas
+    from shards.manifest import Manifest
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shard_dir, copy)
+    manifest = Manifest.read(copy)
+    train_shards = manifest.shard_paths(copy, "train")
+    expected = sum(e.samples for e in manifest.shards if e.split == "train")
+    victim = train_shards[1]
+    lost = next(e.samples for e in manifest.shards if e.name == victim.name)
+    victim.write_bytes(victim.read_bytes()[:700])                   # truncated inside its first member
+    with tarfile.open(train_shards[0], "a") as tf:                  # a path member, as in the report
+        data = json.dumps({"fully_sampled": True, "modality": "Cine"}).encode()
+        info = tarfile.TarInfo("../../x.meta.json")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    metas = shard_metas(str(copy), "train")
+    assert len(metas) == expected - lost                            # the path member is not a sample
+    assert f"skipping shard {victim}" in capsys.readouterr().err

@@ -1,9 +1,9 @@
 """Imports flow one way, as the data does (docs/style.md §11.2), checked with `ast`.
 
-    launch.cli  : stdlib + tomli_w
+    launch.cli, launch.outputs, launch.trees : stdlib (+ tomli_w): every stage may import them
     shards.fft  : numpy only (the FFT convention, a leaf every package may use)
-    challenge   -> shards.fft                          the organisers' definitions: nothing else of ours
-    shards      -> launch.cli, challenge               never models / pretrain / finetune / deepspeed / torch.distributed
+    challenge   -> shards.fft, launch.trees            the organisers' definitions: nothing else of ours
+    shards      -> launch.cli, launch.outputs, launch.trees, challenge    never models / pretrain / finetune / deepspeed / torch.distributed
     models      -> torch, timm, einops, numpy          never shards / pretrain / finetune / deepspeed / torch.distributed
     pretrain    -> shards, models, launch.cli          only pretrain/engine.py imports deepspeed
     finetune    -> shards, models, challenge, pretrain.checkpoint, pretrain.objective, launch.cli    never deepspeed
@@ -19,6 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = {"shards", "models", "pretrain", "finetune", "launch", "challenge"}
+SHARED = {"cli.py", "outputs.py", "trees.py"}   # launch/ modules every stage may import
+_SHARED_MODULES = {"launch.cli", "launch.outputs", "launch.trees"}
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
@@ -45,9 +47,10 @@ def forbidden(package: str, file: Path, module: str) -> str | None:
     top = module.split(".")[0]
     if top in {"pickle", "dill", "cloudpickle", "_pickle"}:
         return "pickle is not allowed anywhere (data and weights are .npy/.json/safetensors)"
-    if package == "launch" and file.name == "cli.py":
-        if top not in sys.stdlib_module_names and top not in {"tomli_w", "__future__"}:
-            return "launch/cli.py is stdlib-only so that every stage can import it"
+    if package == "launch" and file.name in SHARED:
+        if top not in sys.stdlib_module_names and top not in {"tomli_w", "__future__"} \
+                and not any(module == m or module.startswith(m + ".") for m in _SHARED_MODULES):
+            return f"launch/{file.name} is stdlib-only so that every stage can import it"
     if package == "shards" and file.name == "fft.py" and top in PROJECT:
         return "shards/fft.py is a leaf (numpy only): challenge/ imports it"
     if package in {"shards", "models", "finetune", "challenge"} and top == "deepspeed":
@@ -59,12 +62,12 @@ def forbidden(package: str, file: Path, module: str) -> str | None:
     if top in PROJECT and top != package:
         allowed = {
             "launch": set(),
-            "shards": {"launch.cli", "challenge"},
-            "challenge": {"shards.fft"},
+            "shards": {"challenge"} | _SHARED_MODULES,
+            "challenge": {"shards.fft", "launch.trees"},
             "models": set(),
-            "pretrain": {"shards", "models", "launch.cli"},
+            "pretrain": {"shards", "models"} | _SHARED_MODULES,
             # pretrain.objective is pure torch (the SSDU split): test-time adaptation reuses it
-            "finetune": {"shards", "models", "challenge", "pretrain.checkpoint", "pretrain.objective", "launch.cli"},
+            "finetune": {"shards", "models", "challenge", "pretrain.checkpoint", "pretrain.objective"} | _SHARED_MODULES,
         }[package]
         if not any(module == a or module.startswith(a + ".") for a in allowed):
             return f"{package}/ may import only {sorted(allowed) or 'no other project package'}"

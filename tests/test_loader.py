@@ -162,3 +162,52 @@ def test_truncated_shard_is_skipped_counted_and_the_rest_streams(shard_dir: Path
     assert set(all_keys) - victim_keys <= set(got)                  # every other shard streamed fully
     assert len(got) == len(set(got)) and len(set(got) & victim_keys) < len(victim_keys)
     assert victim.name in caplog.text and "unreadable tar" in caplog.text
+
+
+# ---- issue 11 items 6, 7: no hang on unreadable shards, a missing path says so ---------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_no_readable_shard_stops_with_an_error_naming_the_shards(shard_dir: Path, tmp_path: Path, workers: int) -> None:
+    """Training mode is endless: with every shard unreadable it used to log skips forever. Now a
+    stream that draws all its shards in a row without one usable sample raises, naming them."""
+    from shards.loader import ShardError
+
+    for i in range(2):
+        (tmp_path / f"bad-{i:03d}.tar").write_bytes(b"\0" * 700 + b"not a tar")
+    cfg = LoaderConfig(shards=str(tmp_path / "bad-*.tar"), mode="train", micro_batch=1, workers=workers)
+    with pytest.raises(ShardError, match=r"no usable sample in \d+ shards in a row") as info:
+        next(iter(make_loader(cfg)))
+    assert "bad-000.tar" in str(info.value) or "bad-001.tar" in str(info.value)
+
+
+@pytest.mark.timeout(120)
+def test_every_sample_refused_stops_too(shard_dir: Path, tmp_path: Path) -> None:
+    from shards.loader import ShardError
+
+    src = Manifest.read(shard_dir).shard_paths(shard_dir, "train")[0]
+    with tarfile.open(src) as tin, tarfile.open(tmp_path / "p-000.tar", "w") as tout:
+        for m in tin:                                               # every sample carries a pickle member
+            tout.addfile(m, tin.extractfile(m))
+            if m.name.endswith(".meta.json"):
+                info = tarfile.TarInfo(m.name.replace(".meta.json", ".pyd"))
+                info.size = 3
+                tout.addfile(info, io.BytesIO(b"\x80\x04."))
+    with pytest.raises(ShardError, match="p-000.tar"):
+        next(iter(make_loader(LoaderConfig(shards=str(tmp_path / "p-*.tar"), mode="train", micro_batch=1))))
+
+
+def test_shards_gone_under_a_valid_manifest_and_a_missing_path_are_named(shard_dir: Path, tmp_path: Path) -> None:
+    from shards.loader import ShardError
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shard_dir, copy)
+    for p in copy.glob("train-*.tar"):
+        p.unlink()
+    with pytest.raises(ShardError, match="none is on disk"):
+        make_loader(LoaderConfig(shards=str(copy), split="train"))
+    with pytest.raises(ShardError, match=r"nope: does not exist\. Shards are made by: python -m shards.synthetic"):
+        make_loader(LoaderConfig(shards=str(tmp_path / "nope")), 0, 2)
+    with pytest.raises(ShardError, match="matches no file"):
+        make_loader(LoaderConfig(shards=str(tmp_path / "x-*.tar")))

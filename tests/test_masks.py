@@ -1,4 +1,4 @@
-"""challenge.masks against the official generators' rules (CMRxRecon2025 TaskAll/*.m, docs §5) and
+"""challenge.masks against the official generators' rules (CMRxRecon2025 TaskAll/*.m, docs/cmrxrecon.md §5) and
 against a real 2025 validation mask (NV-Raw2insights-MRI example, cine_lax_4ch_mask_ktRadial16.mat)."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_uniform_lines(ny: int, R: int) -> None:
 
 
 def test_uniform_effective_acceleration_matches_measured() -> None:
-    # docs §5.1, measured by reproducing UniformSampling.m: ny=198 -> 4.6/6.2/7.1, ny=162 -> 4.3/5.4/6.2
+    # docs/cmrxrecon.md §5.1, measured by reproducing UniformSampling.m: ny=198 -> 4.6/6.2/7.1, ny=162 -> 4.3/5.4/6.2
     got = [round(effective_acceleration(make_mask("Uniform", R, 1, ny, 8)), 1)
            for ny in (198, 162) for R in ACCELERATIONS_2025]
     assert got == [4.6, 6.2, 7.1, 4.3, 5.4, 6.2]

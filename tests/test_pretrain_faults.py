@@ -146,8 +146,9 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_latest(reference: 
     procs[0].kill()                                               # the job dies with it (as srun/the launcher do)
     procs[0].wait()
     assert latest(run_dir) == "step00000002"
-    partial = run_dir / "checkpoints" / "step00000004"
+    partial = run_dir / "checkpoints" / "step00000004.incomplete"
     assert partial.is_dir()                                       # half-written, not pointed to
+    assert not (run_dir / "checkpoints" / "step00000004").exists()   # never visible under its tag name
 
     procs = start_ranks(["pretrain/run.py", *run_args(shard_dir, run_dir)], 2, tmp_path, "after")
     assert wait_all(procs) == [0, 0], read_log(tmp_path, "after", 0)[-3000:]

@@ -1,4 +1,4 @@
-"""img4ranking: MATLAB rounding, crop.m start, slice / frame selection and output rank (cmrxrecon.md §6.1, §6.5)."""
+"""img4ranking: MATLAB rounding, crop.m start, slice / frame selection and output rank (docs/cmrxrecon.md §6.1, §6.5)."""
 
 from __future__ import annotations
 

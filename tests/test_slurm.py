@@ -2,8 +2,8 @@
 
 The cluster (munge, slurmctld, two slurmd "nodes" in their own network namespaces) is started once
 for this module by tests/slurm_cluster.py and torn down by pid afterwards; its teardown fails the
-module if any daemon, namespace or job process survived. Jobs run the project's venv
-($CMRFM_VENV or <repo>/.venv) and read the repo in place (one machine: a shared filesystem).
+module if any daemon, namespace or job process survived. Jobs run the project's environment
+($CMRFM_VENV, else the interpreter running the tests: its bin/ first on the job's PATH) and read the repo in place (one machine: a shared filesystem).
 
 The pretraining runs are the tiny CPU config with one gloo rank per node: the production header
 of launch/pretrain.sbatch is kept and only its sizes are overridden on the sbatch command line
@@ -59,8 +59,24 @@ def slurm(cluster: SlurmCluster):
 
 
 def job_env(**extra: str) -> dict[str, str]:
-    """What a user exports before sbatch: the venv and repo to use, DeepSpeed on CPU."""
-    return {"CMRFM_VENV": str(venv_dir()), "CMRFM_ROOT": str(REPO), "DS_ACCELERATOR": "cpu", **extra}
+    """What a user exports before sbatch: the environment and repo to use, DeepSpeed on CPU. CMRFM_VENV
+    is passed on only when set (the sbatch scripts then activate it); otherwise the running
+    interpreter's bin/ leads PATH, which the scripts use as they are (a conda env has no bin/activate)."""
+    env = {"CMRFM_ROOT": str(REPO), "DS_ACCELERATOR": "cpu",
+           "PATH": f"{venv_dir() / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+    if os.environ.get("CMRFM_VENV"):
+        env["CMRFM_VENV"] = os.environ["CMRFM_VENV"]
+    return env
+
+
+def test_jobs_default_to_the_running_interpreters_environment(monkeypatch) -> None:
+    """No CMRFM_VENV: jobs use sys.prefix (any venv or conda env), not <repo>/.venv (exit 127 before)."""
+    monkeypatch.delenv("CMRFM_VENV", raising=False)
+    assert venv_dir() == Path(sys.prefix) and (venv_dir() / "bin" / "python").exists()
+    env = job_env()
+    assert "CMRFM_VENV" not in env and env["PATH"].split(os.pathsep)[0] == str(Path(sys.prefix) / "bin")
+    monkeypatch.setenv("CMRFM_VENV", "/opt/env")
+    assert venv_dir() == Path("/opt/env") and job_env()["CMRFM_VENV"] == "/opt/env"
 
 
 def pretrain_args(shard_dir: Path, run_dir: Path, steps: int, every: int) -> list[str]:
@@ -173,7 +189,9 @@ def test_finetune_array_trains_one_adapter_per_task(slurm: SlurmCluster, shard_d
     assert sorted(t.fields["ArrayTaskId"] for t in tasks) == ["0", "1"]
     for task in tasks:
         assert (task.state, task.exit_code) == ("COMPLETED", "0:0"), slurm.describe(task.job_id)
-    assert sorted(p.name for p in bank.iterdir()) == ["cine_Uniform", "cine_ktRadial"]
+    # hidden `.<entry>.lock` files beside each entry: the per-entry write locks (launch.outputs.FolderLock)
+    assert sorted(p.name for p in bank.iterdir() if not p.name.startswith(".")) == ["cine_Uniform", "cine_ktRadial"]
+    assert not [p for p in bank.iterdir() if ".partial-" in p.name]      # no staging folder left behind
     for name in ("cine_Uniform", "cine_ktRadial"):
         assert (bank / name / "adapter_model.safetensors").stat().st_size > 0
         assert json.loads((bank / name / "adapter_config.json").read_text())
@@ -272,7 +290,7 @@ def test_accelerate_multinode_config_under_srun(slurm: SlurmCluster, tmp_path: P
     probe.write_text(PROBE)
     script = tmp_path / "accelerate.sbatch"
     script.write_text(f"""#!/bin/bash
-source {venv_dir()}/bin/activate
+export PATH={venv_dir()}/bin:$PATH
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1) MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 srun --ntasks-per-node=1 bash -c 'accelerate launch --config_file {REPO}/launch/accelerate_multinode.yaml \\
     --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" --num_processes "$SLURM_NNODES" \\

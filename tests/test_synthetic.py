@@ -212,3 +212,26 @@ def test_cli_writes_resolved_config_and_defaults_file(tmp_path: Path) -> None:
 def test_sizes_too_small_for_the_ranking_crop_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ranking crop"):
         write_corpus(SyntheticConfig(out=str(tmp_path / "x"), ny_min=10, ny_max=12))
+
+
+def test_an_existing_out_is_reused_only_for_the_same_config_and_never_mixed(tmp_path: Path) -> None:
+    """Issue 11 item 5: writing into a folder that held another corpus mixed the two (index: 10 files,
+    33 on disk). Now: the same config reuses the folder untouched, another config or a foreign folder
+    is refused with the differences named, and nothing is written into them."""
+    out = tmp_path / "corpus"
+    first = _digest(write_corpus(_micro(out, seed=3, workers=1)))
+    stamp = {p: (out / p).stat().st_mtime_ns for p in first}
+    assert _digest(write_corpus(_micro(out, seed=3, workers=2))) == first        # workers change no byte
+    assert {p: (out / p).stat().st_mtime_ns for p in first} == stamp            # reused, not rewritten
+    with pytest.raises(ValueError, match=r"another config \(seed: 3 -> 4"):
+        write_corpus(_micro(out, seed=4, workers=1))
+    assert _digest(out) == first
+    index = json.loads((out / "synthetic_index.json").read_text())["files"]
+    on_disk = [p for p in out.rglob("*") if p.suffix in (".mat", ".h5")]
+    assert len(index) == len(on_disk)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a synthetic corpus"):
+        write_corpus(_micro(foreign, seed=3, workers=1))
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]

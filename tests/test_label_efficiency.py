@@ -1,0 +1,51 @@
+"""bench/label_efficiency.py runs end to end on a tiny setting: every arm on every label count and seed,
+the adapter-form ablation, test-time adaptation from the pretrained model and the best adapter, the
+adapters in the PEFT layout, the table and the PNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_label_efficiency", ROOT / "bench/label_efficiency.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_label_efficiency"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_label_efficiency_and_adaptation_bench_runs_end_to_end(bench, tmp_path: Path) -> None:
+    out = tmp_path / "le"
+    assert bench.main(["--set", "tiny=true", "--set", f"out={out}", "--set", "labelled=1,all",
+                       "--set", "forms=lora,scale_shift+prompt"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    res = results["patterns"]["ktGaussian"]
+    assert [(r["labelled"], r["seed"]) for r in res["labels"]] == [(1, 0), (1, 1), (4, 0), (4, 1)]
+    for r in res["labels"]:
+        for arm in ("adapter", "scratch", "full"):
+            assert math.isfinite(r[arm]["psnr"]) and 0 < r[arm]["ssim"] <= 1 and r[arm]["steps"] >= 1
+        # the adapter trains far fewer parameters than the full model; scratch and full train all of them
+        assert r["adapter"]["trainable"] < r["full"]["trainable"] == r["scratch"]["trainable"] == results["parameters"]
+    assert [f["forms"] for f in res["forms"]] == ["lora", "scale_shift+prompt"]
+    assert res["forms"][1]["trainable"] < res["forms"][0]["trainable"]
+    assert [(t["start"], t["steps"]) for t in res["test_time"]] == [
+        ("pretrained", 0), ("pretrained", 2), ("best adapter", 0), ("best adapter", 2)]
+    assert all(t["status"] in ("none", "adapted", "stopped early", "fallback") for t in res["test_time"])
+    for n in ("1", "all"):
+        for seed in (0, 1):
+            folder = out / "adapters" / f"{n}_s{seed}" / "cine_ktGaussian"
+            assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    text = (out / "label_efficiency.md").read_text()
+    assert "(a) adapter" in text and "test-time adaptation" in text
+    assert (out / "label_efficiency.png").stat().st_size > 1000

@@ -32,8 +32,9 @@ def test_label_efficiency_and_adaptation_bench_runs_end_to_end(tmp_path: Path) -
         assert r["adapter"]["trainable"] < r["full"]["trainable"] == r["scratch"]["trainable"] == results["parameters"]
     assert [f["forms"] for f in res["forms"]] == ["lora", "scale_shift+prompt"]
     assert res["forms"][1]["trainable"] < res["forms"][0]["trainable"]
-    assert [(t["start"], t["steps"]) for t in res["test_time"]] == [
-        ("pretrained", 0), ("pretrained", 2), ("best adapter", 0), ("best adapter", 2)]
+    runs = [("pretrained", 0), ("pretrained", 2), ("best adapter", 0), ("best adapter", 2)]
+    assert [(t["set"], t["start"], t["steps"]) for t in res["test_time"]] == [
+        (s, *r) for s in ("held-out", "held-out, 4 coils, k-space x10000") for r in runs]
     assert all(t["status"] in ("none", "adapted", "stopped early", "fallback") for t in res["test_time"])
     for n in ("1", "all"):
         for seed in (0, 1):

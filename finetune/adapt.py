@@ -78,19 +78,26 @@ def group_of(path: Path) -> tuple[str, str]:
     return case.center, case.vendor
 
 
-def draw_windows(paths: list[Path], frames: int, count: int, seed: int) -> list[Window]:
+def draw_windows(paths: list[Path], frames: int, count: int, seed: int,
+                 problems: list[str] | None = None) -> list[Window]:
     """Up to `count` T-frame windows (file, slice, non-overlapping frame windows), drawn at random with `seed`.
 
     Each is normalised by `kspace_scale` as the loader and reconstruct do. Reads only the kus files
-    and their masks (finetune.reconstruct.load_pair).
+    and their masks (finetune.reconstruct.load_pair); an unreadable file is left out and named in
+    `problems` (reconstruct reports it again when it reaches it).
     """
     candidates: list[tuple[int, int, int]] = []
     loaded = []
-    for i, path in enumerate(paths):
-        kspace, mask, _ = load_pair(path)
+    for path in paths:
+        try:
+            kspace, mask, _ = load_pair(path)
+        except (ValueError, OSError) as exc:
+            if problems is not None:
+                problems.append(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+            continue
         loaded.append((kspace, mask, file_meta(path)[0]))
         nt, nz = kspace.shape[:2]
-        candidates += [(i, z, t) for z in range(nz) for t in range(0, nt, frames)]
+        candidates += [(len(loaded) - 1, z, t) for z in range(nz) for t in range(0, nt, frames)]
     random.Random(seed).shuffle(candidates)
     windows = []
     for i, z, t in candidates[:count]:
@@ -209,19 +216,20 @@ class TestTimeAdapter:
         _, contrast, pattern, _ = file_meta(path0)
         base, _, _ = self.bank.get(contrast, pattern)
         a = self.cfg.adapt
-        try:
-            windows = draw_windows(files, self.cfg.frames, a.windows, a.seed)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file: the group keeps the unadapted model
-            self.log(f"adapt {center}/{vendor} ({name}): cannot read the group ({type(exc).__name__}: {exc}); "
-                     "reconstructing it unadapted")
-            return base, None
         say = lambda msg: self.log(f"adapt {center}/{vendor} ({name}): {msg}")  # noqa: E731
+        problems: list[str] = []
+        windows = draw_windows(files, self.cfg.frames, a.windows, a.seed, problems)
+        for problem in problems:
+            say(f"left out of adaptation: {problem}")
+        if not windows:
+            say("no readable file in the group; reconstructing it unadapted")
+            return base, None
         try:
             model, result = adapt_model(base, windows, a, self.bank.device, say)
         except RuntimeError as exc:  # a shape the network cannot take: reconstruct names the files
             say(f"adaptation failed ({exc}); reconstructing the group unadapted")
             return base, None
-        result.files = [str(p) for p in files]
+        result.files = [str(p) for p in files if not any(str(p) in q for q in problems)]  # the files read
         curve = ", ".join(f"{s}:{v:.4f}" for s, v in result.heldout)
         say(f"{result.status} after {result.steps_run} steps in {result.seconds:.1f} s on {result.train_windows} "
             f"window(s) of {len(files)} file(s); held-out SSDU loss {curve}"

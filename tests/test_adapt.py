@@ -125,3 +125,18 @@ def test_the_guard_keeps_the_weights_of_the_lowest_heldout_loss(
     kept = adapter_state_dict(model)
     assert all(torch.equal(kept[k], seen[2][k]) for k in kept)  # evaluation 2 = after step 2
     assert not all(torch.equal(kept[k], seen[4][k]) for k in kept)
+
+
+def test_an_unreadable_file_is_left_out_of_its_groups_adaptation_and_named(
+        synthetic_root: Path, tiny_backbone: Path, tmp_path: Path) -> None:
+    inp = cine_tree_without_references(synthetic_root, tmp_path / "in")
+    bad = next(p for p in inp.rglob("*_kus_*.mat") if "Center012" in str(p) and "lax" in p.name)
+    bad.write_bytes(b"not a mat file")
+    logs: list[str] = []
+    cfg = ReconstructConfig(input=str(inp), out=str(tmp_path / "out"), backbone=str(tiny_backbone), progress=False,
+                            adapt=AdaptConfig(steps=2, windows=4, eval_every=1))
+    report = reconstruct_tree(cfg, log=logs.append)
+    assert report["written"] == 3 and len(report["errors"]) == 1 and str(bad) in report["errors"][0]
+    group = report["adapt"]["Center012/Philips_30T_IngeniaCX/backbone"]
+    assert [Path(f).name for f in group["files"]] == ["cine_sax_kus_ktGaussian16.mat"]
+    assert any("left out of adaptation" in m and str(bad) in m for m in logs)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import tarfile
 import time
@@ -238,12 +239,16 @@ def save_result(model: ReconModel, cfg: FinetuneConfig, stats: dict[str, Any]) -
     with FolderLock(out):
         remove_stale_staging(out)
         staging = staging_path(out)
-        if adapter_parameters(model):
-            save_adapter(model, staging, info)
-        else:
-            write_backbone(staging, model.state_dict(), model.config,
-                           {"mode": "full" if cfg.run.full_finetune else "scratch"})
-            write_atomic(staging / "finetune_info.json", json.dumps(info, indent=2) + "\n")
+        try:
+            if adapter_parameters(model):
+                save_adapter(model, staging, info)
+            else:
+                write_backbone(staging, model.state_dict(), model.config,
+                               {"mode": "full" if cfg.run.full_finetune else "scratch"})
+                write_atomic(staging / "finetune_info.json", json.dumps(info, indent=2) + "\n")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)   # the old entry stays as it was
+            raise
         return publish_dir(staging, out)
 
 

@@ -494,11 +494,12 @@ def write_corpus(cfg: SyntheticConfig) -> Path:
     """
     _validate(cfg)
     root = Path(cfg.out)
-    with FolderLock(root):
-        if existing_corpus(cfg):
-            print(f"{root}: already holds this corpus (same config); reusing it", file=sys.stderr)
-            return root
-        return _write_corpus(cfg, root)
+    if not existing_corpus(cfg):   # complete with the same config: reused read-only, no lock (runs share it)
+        with FolderLock(root):
+            if not existing_corpus(cfg):   # another writer may have finished it meanwhile
+                return _write_corpus(cfg, root)
+    print(f"{root}: already holds this corpus (same config); reusing it", file=sys.stderr)
+    return root
 
 
 def _write_corpus(cfg: SyntheticConfig, root: Path) -> Path:

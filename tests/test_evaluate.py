@@ -248,7 +248,7 @@ def test_nested_trees_and_duplicates_are_refused_not_counted(tmp_path: Path) -> 
     assert res["Num_Files"] == f"{n}/{n}"
     assert float(res["Mean_of_all_centers_SSIM_adj"]) <= 1.0
     for key in ("Mean_of_all_centers_PSNR_adj", "Mean_of_all_centers_SSIM_adj"):
-        assert float(res[key]) == pytest.approx(float(clean.results["cmrfm"]["TaskR1"]["challenge_exact"][key]))
+        assert float(res[key]) == pytest.approx(float(clean.results["cmrfm"]["TaskR1"][clean.primary][key]))
     problems = _read_csv(out / "problems.csv")
     nested = [p for p in problems if "_zero_filled" in p["path"]]
     assert len(nested) == n and all("unexpected file" in p["message"] for p in nested)

@@ -178,3 +178,44 @@ def test_shard_metas_skips_a_truncated_shard_by_name_and_ignores_path_members(sh
     metas = shard_metas(str(copy), "train")
     assert len(metas) == expected - lost                            # the path member is not a sample
     assert f"skipping shard {victim}" in capsys.readouterr().err
+
+
+def test_a_crash_while_publishing_an_adapter_leaves_the_previous_pair_whole(backbone: Path, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """Issue 11 item 13: adapter_config.json + adapter_model.safetensors (+ finetune_info.json) are one
+    unit. A crash after the new weights were written leaves the old adapter complete and loadable,
+    with nothing half-written visible; the next save replaces the entry whole."""
+    import finetune.train as T
+    from models.adapters import add_adapters
+
+    cfg = config(tmp_path, tmp_path / "shards", backbone)
+    entry = Path(cfg.run.adapters) / "cine_ktRadial"
+
+    def adapted(seed: int):
+        model = load_backbone(backbone)
+        torch.manual_seed(seed)
+        add_adapters(model, cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.targets)
+        for layer in lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+        return model
+
+    T.save_result(adapted(1), cfg, {})
+    old = {p.name: p.read_bytes() for p in entry.iterdir()}
+    real = T.save_adapter
+
+    def dies_half_way(model, directory, info):
+        real(model, directory, info)                                 # both files written into staging ...
+        (Path(directory) / "adapter_config.json").write_text("{")    # ... then the crash mid-config
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(T, "save_adapter", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        T.save_result(adapted(2), cfg, {})
+    assert {p.name: p.read_bytes() for p in entry.iterdir()} == old   # the old pair, untouched
+    assert not [p for p in entry.parent.iterdir() if ".partial-" in p.name]
+    model = load_backbone(backbone)
+    load_adapter(model, entry)                                        # loadable and consistent
+    monkeypatch.setattr(T, "save_adapter", real)
+    T.save_result(adapted(2), cfg, {})
+    assert (entry / "adapter_model.safetensors").read_bytes() != old["adapter_model.safetensors"]
+    assert json.loads((entry / "adapter_config.json").read_text())["r"] == cfg.adapter.rank

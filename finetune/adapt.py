@@ -162,8 +162,8 @@ def adapt_model(base: ReconModel, windows: list[Window], cfg: AdaptConfig, devic
             worse += 1
             if worse >= cfg.patience and step != cfg.steps:
                 result.status = "stopped early"
-                log(f"held-out SSDU loss rose for {worse} evaluations (step {step}: {value:.4f} > best "
-                    f"{best:.4f} at step {result.best_step}); stopping")
+                log(f"held-out SSDU loss not below its best for {worse} evaluations (step {step}: {value:.6f}, "
+                    f"best {best:.6f} at step {result.best_step}); stopping")
                 break
     result.seconds = round(time.perf_counter() - t0, 2)
     load_adapter_state_dict(model, best_state)

@@ -4,6 +4,12 @@
         slice, h5py-open the .mat, read the whole key, build complex, pick [:, slice]   (goal >= 20x)
     P2  loader samples/s  /  plain iteration over the same tar files, no decoding        (goal >= 0.5x)
     P3  conversion wall time  /  a plain h5py read (one call per dataset) of the same .mat (goal <= 1.5x)
+    P6  one fine-tuning pass over one contrast (`select_modality`): the loader with `data.select`
+        (other samples skipped from meta.json, never decoded) vs decoding every sample and dropping
+        the others afterwards (what fine-tuning did before selection), selected samples/s
+
+Real sample sizes (10 coils x 162-328 x 288-518): `--set scale=4.5` (the default matrices x 4.5), or
+`--set profile=real` (shards.synthetic's per-file-type sizes of the 2025 release).
 
 The corpus is shards.synthetic at a benchmark `scale` (real-like matrix sizes, MATLAB-like gzip
 chunks spanning all leading axes, trap 15), restricted to its 2025 training tree and written as
@@ -57,6 +63,10 @@ class BenchConfig:
     """each timing is the best of this many runs"""
     loader_samples: int = 400
     """samples drawn per timed loader run (several epochs: worker start-up is included, amortised)"""
+    profile: str = ""
+    """SyntheticConfig.profile ("real": the release's matrix sizes per file type; scale is then ignored)"""
+    select_modality: str = "Cine"
+    """P6: the contrast a selective fine-tuning pass reads"""
 
 
 def _best(fn, repeats: int) -> tuple[float, object]:
@@ -114,8 +124,13 @@ def loader_samples(cfg: LoaderConfig, n: int) -> int:
     return got
 
 
+def one_pass(cfg: LoaderConfig, keep) -> int:
+    """Samples of one eval pass that `keep(meta)` accepts (all of them are decoded and prepared)."""
+    return sum(1 for batch in make_loader(cfg) for m in batch["meta"] if keep(m))
+
+
 def run(cfg: BenchConfig, work: Path) -> None:
-    syn = SyntheticConfig(out=str(work / "corpus"), scale=cfg.scale, workers=cfg.workers, v5_every=0,
+    syn = SyntheticConfig(out=str(work / "corpus"), scale=cfg.scale, profile=cfg.profile, workers=cfg.workers, v5_every=0,
                           files_per_patient=cfg.files_per_patient, patients_per_scanner=cfg.patients_per_scanner,
                           nz_max=cfg.nz_max, val_patients_per_scanner=0, patients_2024=0, fastmri_files=0)
     t0 = time.perf_counter()
@@ -163,6 +178,15 @@ def run(cfg: BenchConfig, work: Path) -> None:
         loader_samples(lcfg, n_samples)                          # page cache warm
         t_load, got = _best(lambda: loader_samples(lcfg, n_load), cfg.repeats)
         rates[workers] = got / t_load
+    # P6: one pass over one contrast, selected before decoding vs decoded and dropped
+    want = cfg.select_modality.lower()
+    base = dict(shards=str(shard_dir), split="train", mode="eval", workers=cfg.workers,
+                micro_batch=cfg.micro_batch, frames=cfg.frames)
+    t_drop, n_drop = _best(lambda: one_pass(LoaderConfig(**base), lambda m: m["modality"].lower() == want),
+                           cfg.repeats)
+    t_sel, n_sel = _best(lambda: one_pass(LoaderConfig(**base, select={"modality": [want]}), lambda m: True),
+                         cfg.repeats)
+    assert n_sel == n_drop > 0, (n_sel, n_drop)
     t_tar, n_tar = _best(lambda: plain_tar_iteration(shards), cfg.repeats)
     t_tut, n_tut = _best(lambda: tutorial_reads(with_nz), 1)
     tar_rate, tut_rate = n_tar / t_tar, n_tut / t_tut
@@ -179,6 +203,9 @@ def run(cfg: BenchConfig, work: Path) -> None:
           f"{t_read:12.2f} {t_conv / t_read:7.2f}x  <= 1.5x")
     print(f"{'P3':4} {'conversion s (1 worker) vs plain h5py read s (1 process)':58} {t_conv1:12.2f} {t_read:12.2f} "
           f"{t_conv1 / t_read:7.2f}x  <= 1.5x")
+    print(f"{'P6':4} {f'{cfg.select_modality} pass, selected samples/s: data.select vs decode-and-drop':58} "
+          f"{n_sel / t_sel:12.1f} {n_drop / t_drop:12.1f} {t_drop / t_sel:7.2f}x  "
+          f"({n_sel} of {n_samples} samples; {t_sel:.2f} s vs {t_drop:.2f} s)")
     print(f"\n{n_samples} samples of ({cfg.frames} frames x 10 coils x Y x X) per epoch, {n_load} per loader run; "
           f"micro_batch {cfg.micro_batch}; {len(shards)} shards; load average {os.getloadavg()[0]:.1f} "
           f"(other processes share the {os.cpu_count()} cores)")

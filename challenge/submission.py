@@ -119,6 +119,11 @@ def mask_path(kus_path: str | os.PathLike) -> Path:
     )
 
 
+#: the 116-byte descriptive text of a MAT v5 header, fixed: scipy puts the creation time there, which
+#: would make two identical reconstructions (one process or several, a rerun) differ byte for byte.
+MAT5_HEADER = b"MATLAB 5.0 MAT-file, written by cmrfm".ljust(116)
+
+
 def save_img4ranking(path: str | os.PathLike, arr: np.ndarray) -> Path:
     """Write `arr` as the single variable `img4ranking`, float32, MAT v5, atomically.
 
@@ -133,9 +138,11 @@ def save_img4ranking(path: str | os.PathLike, arr: np.ndarray) -> Path:
         raise SubmissionError(path, f"img4ranking must be at least 2-D, got shape {data.shape}")
     buf = io.BytesIO()
     scipy.io.savemat(buf, {IMG4RANKING_KEY: data}, format="5", do_compression=False)
+    raw = bytearray(buf.getvalue())
+    raw[:len(MAT5_HEADER)] = MAT5_HEADER       # scipy writes the creation time there
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        fh.write(buf.getvalue())
+        fh.write(raw)
     os.replace(tmp, path)
     return path
 

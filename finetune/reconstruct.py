@@ -33,9 +33,13 @@ group to that group's own undersampled k-space (finetune.adapt; adapters in `<ou
 Safety (docs/design.md §4): the whole config is checked before any work (input present and holding
 inputs, backbone readable, method names known, no output equal to, inside or containing the input);
 a user error ends in one line and exit status 2. Each output tree is written under a staging name
-and swapped in whole (launch.outputs.replaced_tree), so a re-run leaves no file it did not write this
-time and a killed run leaves the previous tree untouched. Exit status 3 (EXIT_SKIPPED) when any
-input was skipped, including entries of the input tree that could not be walked (broken links).
+and swapped in whole (finetune.rank_share.shared_stage, launch.outputs' rules), so a re-run leaves no
+file it did not write and a killed run leaves the previous tree untouched; a rerun of the same
+configuration resumes the killed run's staging folder. Exit status 3 (EXIT_SKIPPED) when any input
+was skipped, including entries of the input tree that could not be walked (broken links).
+
+Several processes (torchrun, srun: launch/reconstruct.sbatch) split the files between them
+(finetune.rank_share); the tree is byte-identical to one process's.
 """
 
 from __future__ import annotations
@@ -54,10 +58,12 @@ from typing import Callable, Iterator
 import h5py
 import numpy as np
 import torch
+import torch.distributed as tdist
 from safetensors import SafetensorError
 from tqdm import tqdm
 
 from challenge.ranking import crop_selected, select_frames, select_slices
+from finetune.rank_share import Journal, fingerprint, share, shared_stage
 from finetune.settings import ReconstructConfig
 from challenge.submission import SubmissionError, mask_path, parse_kus_path, save_img4ranking
 from launch.cli import ConfigError, dump_config, parse_args
@@ -68,6 +74,7 @@ from models.coils import rss
 from models.fft import ifft2c
 from models.recon import ReconModel
 from pretrain.checkpoint import BACKBONE, CheckpointError, load_backbone
+from pretrain.dist_env import DistEnv, export_for_torch, read_dist_env
 from shards.layout import parse_scanner, view_of
 from challenge.masks import PATTERNS_2025
 from shards.matfile import MatFileError, is_fastmri, read_fastmri, read_kspace, read_mask, write_mat5
@@ -358,40 +365,95 @@ def validate(cfg: ReconstructConfig, outs: list[Path] | None = None) -> tuple[li
     return kus, h5, skipped
 
 
+def output_path(path: Path, root: Path, out: Path) -> Path:
+    """Where the output of input `path` goes: same relative path (kus: without UnderSample_ prefix folders)."""
+    if path.suffix == ".h5":
+        return out / path.relative_to(root)
+    return out / parse_kus_path(path).relative_path("UnderSample_")
+
+
+def _join_ranks(cfg: ReconstructConfig) -> tuple[DistEnv, bool]:
+    """This process's rank (torchrun / srun variables); joins a gloo group when there are several.
+    Returns (rank info, whether this call created the group)."""
+    dist = read_dist_env("cuda" if cfg.device.startswith("cuda") else "cpu")
+    if dist.world_size == 1 or tdist.is_initialized():
+        return dist, False
+    export_for_torch(dist)
+    tdist.init_process_group("gloo", rank=dist.rank, world_size=dist.world_size)   # reports only: CPU objects
+    return dist, True
+
+
 def reconstruct_tree(cfg: ReconstructConfig, log: Callable[[str], None] | None = None,
                      inputs: tuple[list[Path], list[Path], list[str]] | None = None) -> dict:
     """Reconstruct every input under `cfg.input` into `cfg.out` (staged, then swapped in whole);
-    returns the report (also written as `<out>/reconstruct_report.json`)."""
-    log = log or (lambda msg: print(f"[reconstruct] {msg}", file=sys.stderr))
+    returns the report (also written as `<out>/reconstruct_report.json`).
+
+    On several processes (torchrun, srun) each rank reconstructs its share of the inputs into one
+    shared staging folder (finetune.rank_share); rank 0 writes the one report and swaps the tree in.
+    Inputs an interrupted run of the same configuration finished are not redone."""
+    dist, created = _join_ranks(cfg)
+    try:
+        return _reconstruct_ranks(cfg, dist, log, inputs)
+    finally:
+        if created:
+            tdist.destroy_process_group()
+
+
+def _reconstruct_ranks(cfg: ReconstructConfig, dist: DistEnv, log: Callable[[str], None] | None,
+                       inputs: tuple[list[Path], list[Path], list[str]] | None) -> dict:
+    rank, world = dist.rank, dist.world_size
+    tag = f"[reconstruct rank {rank}/{world}]" if world > 1 else "[reconstruct]"
+    log = log or (lambda msg: print(f"{tag} {msg}", file=sys.stderr))
     root, out = Path(cfg.input), Path(cfg.out)
     kus, h5, skipped = inputs or validate(dataclasses.replace(cfg, methods=["cmrfm"]))
-    for entry in skipped:
-        log(f"skipped {entry}")
-    device = torch.device(cfg.device)
+    if rank == 0:
+        for entry in skipped:
+            log(f"skipped {entry}")
+    files = kus + h5
+    settings = {k: getattr(cfg, k) for k in ("frames", "batch_size", "full_volumes", "task", "backbone", "adapters")}
+    settings.update(input=str(root.resolve()), out=str(out.resolve()), device=cfg.device.split(":")[0])
+    settings["adapt"] = dataclasses.asdict(cfg.adapt)  # adapted outputs differ from unadapted ones
+    if cfg.adapt.steps > 0 and world > 1:
+        raise ReconstructError("adapt.steps", f"test-time adaptation runs on one process ({world} ranks here): "
+                                              "a (center, vendor) group's files are adapted on together")
+    fp = fingerprint(settings, cfg.backbone, cfg.adapters)
+    device = torch.device(dist.device if cfg.device.startswith("cuda") and world > 1 else cfg.device)
     bank = ModelBank(cfg.backbone, cfg.adapters, device)
-    outcomes: list[FileOutcome] = []
-    t0, n_slices = time.perf_counter(), 0
     volumes = sibling(out, "_volumes")
-    with replaced_tree(out, REPORT) as stage, \
-            (replaced_tree(volumes, REPORT) if cfg.full_volumes else _no_tree()) as vstage, \
+    with shared_stage(out, REPORT, fp, rank, world) as stage, \
+            (shared_stage(volumes, REPORT, fp, rank, world) if cfg.full_volumes else _no_tree()) as vstage, \
             (replaced_tree(sibling(out, "_adapted"), ADAPT_REPORT) if cfg.adapt.steps > 0 else _no_tree()) as astage:
-        dump_config(cfg, stage / "reconstruct_config.toml")
         adapter = None
-        if astage is not None:  # test-time self-supervised adaptation per (center, vendor)
+        if astage is not None:  # test-time self-supervised adaptation per (center, vendor), one process
             from finetune.adapt import TestTimeAdapter  # it imports this module
 
             adapter = TestTimeAdapter(kus, bank, cfg, log, astage)
-        bar = tqdm(kus + h5, desc="reconstruct", unit="file", disable=not cfg.progress)
+        journal = Journal(stage, rank, world)
+        done = {p: o for p, o in journal.done().items() if output_path(Path(p), root, stage).is_file()}
+        if world > 1:
+            tdist.barrier()            # every rank has read the journal before anyone appends to it
+        if rank == 0:
+            dump_config(cfg, stage / "reconstruct_config.toml")
+            if done:
+                log(f"resuming: {len(done)} of {len(files)} files were written by an interrupted run of this "
+                    f"configuration ({stage})")
+        mine = share([p for p in files if str(p) not in done], rank, world)
+        outcomes: list[FileOutcome] = []
+        t0, n_slices = time.perf_counter(), 0
+        bar = tqdm(mine, desc=f"reconstruct {rank}/{world}" if world > 1 else "reconstruct", unit="file",
+                   disable=not cfg.progress, position=rank)
         for path in bar:
+            target = output_path(path, root, stage)
+            target.unlink(missing_ok=True)     # an output of ours the journal does not vouch for
             try:
                 if path.suffix == ".h5":
-                    outcome = reconstruct_fastmri(path, bank, cfg, stage / path.relative_to(root))
+                    outcome = reconstruct_fastmri(path, bank, cfg, target)
                 else:
                     outcome, ranked, volume = reconstruct_file(path, bank, cfg, adapter.model_for(path) if adapter else None)
-                    rel = parse_kus_path(path).relative_path("UnderSample_")
-                    save_img4ranking(stage / rel, ranked)
+                    save_img4ranking(target, ranked)
                     if volume is not None:
-                        write_volume(vstage / rel, volume)
+                        write_volume(output_path(path, root, vstage), volume)
+                journal.record(dataclasses.asdict(outcome))
             except (ReconstructError, SubmissionError, MatFileError, ValueError, OSError) as exc:
                 outcome = FileOutcome(str(path), error=str(exc) if str(path) in str(exc) else f"{path}: {exc}")
                 log(f"skipped {outcome.error}")
@@ -400,21 +462,37 @@ def reconstruct_tree(cfg: ReconstructConfig, log: Callable[[str], None] | None =
             outcomes.append(outcome)
             n_slices += outcome.slices
             bar.set_postfix(slices_per_s=f"{n_slices / max(time.perf_counter() - t0, 1e-9):.2f}")
-        report = {"input": str(root), "out": str(out), "files": len(outcomes),
-                  "written": sum(1 for o in outcomes if not o.error),
-                  "errors": [o.error for o in outcomes if o.error] + [f"{s} (input tree)" for s in skipped],
-                  "slices": n_slices, "seconds": round(time.perf_counter() - t0, 2),
-                  "adapters": {o.path: o.adapter for o in outcomes if not o.error},
-                  "notes": [n for o in outcomes for n in o.notes]}
+        seconds = time.perf_counter() - t0
+        mine_stats = {"rank": rank, "files": len(outcomes), "slices": n_slices, "seconds": round(seconds, 2),
+                      "slices_per_s": round(n_slices / max(seconds, 1e-9), 3)}
+        if world > 1:
+            log(f"{len(outcomes)} files, {n_slices} slices in {seconds:.1f} s: {mine_stats['slices_per_s']:.2f} slices/s")
+            gathered: list = [None] * world
+            tdist.all_gather_object(gathered, ([dataclasses.asdict(o) for o in outcomes], mine_stats))
+        else:
+            gathered = [([dataclasses.asdict(o) for o in outcomes], mine_stats)]
+        by_path = {**done, **{o["path"]: o for got, _ in gathered for o in got}}
+        merged = [FileOutcome(**by_path[str(p)]) for p in files if str(p) in by_path]
+        ranks = [stats for _, stats in gathered]
+        new_slices, wall = sum(r["slices"] for r in ranks), max(r["seconds"] for r in ranks)
+        report = {"input": str(root), "out": str(out), "files": len(merged),
+                  "written": sum(1 for o in merged if not o.error),
+                  "errors": [o.error for o in merged if o.error] + [f"{s} (input tree)" for s in skipped],
+                  "slices": sum(o.slices for o in merged), "seconds": round(wall, 2),
+                  "resumed": len(done), "ranks": ranks,
+                  "adapters": {o.path: o.adapter for o in merged if not o.error},
+                  "notes": [n for o in merged for n in o.notes]}
         if adapter is not None:
             report["adapt"] = adapter.results
             (astage / ADAPT_REPORT).write_text(json.dumps(adapter.results, indent=2) + "\n")
-        text = json.dumps(report, indent=2) + "\n"
-        (stage / REPORT).write_text(text)
-        if vstage is not None:
-            (vstage / REPORT).write_text(text)
-    log(f"wrote {report['written']}/{report['files']} files to {out} ({n_slices} slices, "
-        f"{n_slices / max(report['seconds'], 1e-9):.2f} slices/s); {len(report['errors'])} error(s)")
+        if rank == 0:
+            text = json.dumps(report, indent=2) + "\n"
+            (stage / REPORT).write_text(text)
+            if vstage is not None:
+                (vstage / REPORT).write_text(text)
+    if rank == 0:
+        log(f"wrote {report['written']}/{report['files']} files to {out} ({new_slices} slices on {world} rank(s), "
+            f"{new_slices / max(wall, 1e-9):.2f} slices/s in total); {len(report['errors'])} error(s)")
     return report
 
 
@@ -441,6 +519,9 @@ def run(cfg: ReconstructConfig) -> dict[str, dict]:
             reports[method] = reconstruct_tree(cfg, inputs=inputs)
         else:
             sub = dataclasses.replace(cfg, out=str(folder), classical=dataclasses.replace(cfg.classical, method=method))
+            if read_dist_env().rank > 0:     # several ranks: the baselines are not split; rank 0 writes them
+                reports[method] = {"out": sub.out, "errors": []}
+                continue
             reports[method] = {"out": sub.out, "errors": classical_tree(sub, inputs[0], inputs[2])}
     return reports
 

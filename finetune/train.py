@@ -153,8 +153,9 @@ def count_training_samples(cfg: FinetuneConfig) -> int:
 def training_batches(loader: Any, keep: Callable[[dict], bool], limit: int = 10_000) -> Iterator[dict]:
     """The loader's batches reduced to kept samples that have a fully sampled target.
 
-    The shard loader has no metadata filter, so other contrasts are decoded and dropped here;
-    `limit` consecutive samples without a match means the shards hold none (an error, not a hang).
+    The loader already reads only this contrast (`data.select`); held-out centers and scanners and
+    samples without a reference are dropped here. `limit` consecutive samples without a match means
+    the shards hold none (an error, not a hang).
     """
     misses = 0
     for batch in loader:
@@ -283,7 +284,11 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> TrainR
     n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     patterns = list(PATTERNS_2025) if cfg.adapter.pattern.strip().lower() == ALL else [cfg.adapter.pattern]
-    data_cfg = dataclasses.replace(cfg.data, patterns=patterns, mode="train")
+    # read only this contrast ("all": every one): shards without it are dropped, other samples
+    # skipped before decoding
+    contrast = cfg.adapter.contrast.strip().lower()
+    select = cfg.data.select if contrast == ALL else {**cfg.data.select, "modality": [contrast]}
+    data_cfg = dataclasses.replace(cfg.data, patterns=patterns, mode="train", select=select)
     loader = make_loader(data_cfg, rank, world)
     start = 0
     if main:   # one owner per run folder; only a dead writer's *.incomplete states are removed

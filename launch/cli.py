@@ -50,6 +50,17 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         return _coerce(value, args[0], where)
+    if origin is dict:
+        # a table: TOML `{modality = ["cine"]}`, or the same inline table as a --set string
+        if isinstance(value, str):
+            try:
+                value = tomllib.loads(f"v = {value}")["v"] if value.strip() else {}
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{where}: expected an inline table like {{a = [\"x\"]}}, got {value!r} ({exc})") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        _, inner = typing.get_args(typ) or (str, Any)
+        return {str(k): _coerce(v, inner, f"{where}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         (inner, *_) = typing.get_args(typ) or (str,)
         if isinstance(value, str):

@@ -81,6 +81,17 @@ class Logbook:
                 self.writer.add_scalar(f"train/{name}", metrics[name], step)
             self.writer.add_scalar("data/skipped_samples", skipped, step)
 
+    def mix(self, step: int, mixed: dict[str, dict[str, float]]) -> None:
+        """Every `log.every` steps with more than one mix group: this rank's realised share of each
+        group next to the configured one (TensorBoard data/mix/*, a line in mix.jsonl)."""
+        if not self.main or len(mixed) < 2 or step % max(self.cfg.every, 1):
+            return
+        with open(self.run_dir / "mix.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "groups": mixed}) + "\n")
+        if self.writer is not None:
+            for name, v in mixed.items():
+                self.writer.add_scalars(f"data/mix/{name}", {"configured": v["configured"], "realised": v["realised"]}, step)
+
     def evaluation(self, step: int, results: dict[str, float]) -> None:
         """Record one held-out evaluation: TensorBoard eval/*, a line in eval.jsonl, one printed line."""
         if not self.main:

@@ -95,6 +95,7 @@ def train_loop(engine: Any, loader: ShardLoader, cfg: PretrainConfig, dist: Dist
         metrics = train_step(engine, micro, cfg, step + 1, dist.device)
         step += 1
         book.step(step, step_metrics(**metrics, seconds=time.perf_counter() - tick), loader.skipped)
+        book.mix(step, loader.mixed)
         preempted = stop.agreed()
         every = cfg.checkpoint.every   # 0: only at the end (and on preemption), as fine-tuning
         if step < cfg.run.steps and not preempted and every > 0 and step % every == 0:

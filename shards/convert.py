@@ -20,8 +20,13 @@ names); holding the lock, it removes the `*.tar.tmp` a killed converter left (pr
 Exit status (`python -m shards.convert`): 0 every file converted; 3 (EXIT_SKIPPED) done, but files
 failed (each named in the output and the manifest's `errors`); 2 a config, path or layout error.
 
-Speed: the files are first planned into shards (whole files, input order, sizes from the file
-headers), then a process pool (`workers`, default 2 = both cores) writes one shard per task: read
+Mixing: the files of each split are put in a seeded random order before planning (`interleave`), so
+a shard holds several modalities, centers and patients rather than a run of one (the input order
+groups by modality); a file's slices stay together in one shard. Each manifest entry records its
+samples per stratum (modality, view, center, vendor, scanner, field, pattern, R ...) so that the
+loader can select shards without opening them.
+
+Speed: the files are first planned into shards (whole files, sizes from the file headers), then a process pool (`workers`, default 2 = both cores) writes one shard per task: read
 each dataset in one call (trap 15), cut slices, write and hash the tar, rename. No sample data
 crosses a process boundary, and the shard contents depend only on the tree.
 
@@ -53,7 +58,7 @@ from tqdm import tqdm
 from launch.cli import config_to_dict, dump_config, parse_args
 from launch.outputs import EXIT_SKIPPED, EXIT_USAGE, FolderLock, OutputError, check_separate, fsync_dir
 from shards.layout import Case, LayoutError, scan
-from shards.manifest import Manifest, ManifestError, ShardEntry
+from shards.manifest import STRATUM_FIELDS, Manifest, ManifestError, ShardEntry
 from shards.matfile import MatFileError, mat_format, read_kspace, read_mask
 from shards.normalise import kspace_scale
 from shards.sample import SCHEMA_VERSION, Sample, sample_key
@@ -79,6 +84,12 @@ class ConvertConfig:
     """reader processes (0 or 1: read in this process)"""
     progress: bool = True
     """tqdm bar with files and MB/s"""
+    interleave: bool = True
+    """shuffle the files (seeded, whole files) before cutting them into shards, so that every shard
+    mixes modalities, centers and patients and a small shuffle buffer gives mixed batches; false:
+    input (path) order, one modality after another"""
+    seed: int = 0
+    """seed of the interleaving permutation"""
 
 
 class ConvertError(RuntimeError):
@@ -266,7 +277,7 @@ def _peek_kspace(path: Path) -> tuple[int, int]:
 
 @dataclass
 class ShardTask:
-    """One shard to write: whole files, in input order (a file never spans two shards)."""
+    """One shard to write: whole files, in planned order (a file never spans two shards)."""
 
     out: str
     name: str
@@ -283,10 +294,23 @@ class ShardResult:
     samples: int
 
 
+def interleaved(cases: list[Case], seed: int) -> list[Case]:
+    """The cases in a seeded random order that depends only on their source paths."""
+    ordered = sorted(cases, key=lambda c: c.source)
+    return [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
+
+
+def stratum(case: Case) -> dict[str, Any]:
+    """The manifest stratum (shards.manifest.STRATUM_FIELDS) every sample of a file belongs to."""
+    return {name: getattr(case, name) for name in STRATUM_FIELDS}
+
+
 def plan_shards(cases: list[Case], out: Path, cfg: ConvertConfig) -> list[ShardTask]:
-    """Group files into shards per split, in input order: a shard is closed once it holds
-    `shard_samples` samples or `shard_mb` MB (estimated from the file headers), so the shard
-    contents depend only on the tree, never on which worker finishes first."""
+    """Group files into shards per split, in seeded interleaved order (or input order): a shard is
+    closed once it holds `shard_samples` samples or `shard_mb` MB (estimated from the file headers),
+    so the shard contents depend only on the tree, never on which worker finishes first."""
+    if cfg.interleave:
+        cases = interleaved(cases, cfg.seed)
     tasks: list[ShardTask] = []
     current: dict[str, tuple[ShardTask, int, int]] = {}
     index = {}
@@ -314,7 +338,7 @@ def convert_shard(task: ShardTask) -> ShardResult:
     """Read the task's files (in this worker) and write its shard: `.tar.tmp`, then renamed.
     Bad files become error entries; an exception while writing removes the partial shard."""
     sink = ShardSink(Path(task.out), task.name, task.split)
-    sources, errors, read_bytes, samples = {}, [], 0, 0
+    sources, errors, read_bytes, samples, strata = {}, [], 0, 0, []
     try:
         for case in task.cases:
             res = convert_case(case)
@@ -326,8 +350,15 @@ def convert_shard(task: ShardTask) -> ShardResult:
             for _, key, files in res.samples:
                 sink.add(key, files)
             samples += len(res.samples)
+            record = stratum(case)
+            have = next((s for s in strata if all(s[k] == v for k, v in record.items())), None)
+            if have is None:
+                strata.append(have := dict(record, samples=0))
+            have["samples"] += len(res.samples)
             sources[res.source] = {"samples": len(res.samples), "split": case.split}
         sink.close()
+        if sink.entry is not None:
+            sink.entry.strata = strata
     except BaseException:
         sink.abort()
         raise

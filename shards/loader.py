@@ -7,8 +7,10 @@
 
 The pipeline, per worker (see `_Stream.__iter__`), is a list of stages:
 
-    shard list -> split by node (rank) -> split by worker -> [training: every epoch a fresh seeded
-    permutation, forever] -> tar (seekable reads, webdataset key grouping) -> explicit .npy/.json decoding
+    shard list -> [selection: shards whose manifest strata hold no selected sample dropped] ->
+    split by node (rank) -> split by worker -> [training: every epoch a fresh seeded
+    permutation, forever] -> tar (seekable reads, webdataset key grouping; with a selection, meta.json
+    first and unselected samples passed over unread) -> explicit .npy/.json decoding
     (no pickle; any other member refused) -> temporal window of `frames` adjacent frames ->
     mask (the acquired one, or drawn on the fly from the official pattern families) ->
     per-sample normalisation (shards.normalise.kspace_scale) -> bucket by shape -> tensors
@@ -49,26 +51,25 @@ manifest lists that are not on disk are named when the loader is built (all gone
 from __future__ import annotations
 
 import copy
-import glob
 import itertools
+import json
 import logging
 import os
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.manifest import MANIFEST_NAME, Manifest
 from challenge.masks import ACCELERATIONS_2025, PATTERNS_2025, make_mask
+from shards.mix import MixPlan, MixSource, plan_mix
 from shards.normalise import kspace_scale
-from shards.sample import SCHEMA_VERSION, Sample
+from shards.sample import META_MEMBER, Sample
+from shards.select import MAKE_SHARDS, Selection, ShardError, matches, shard_entries  # noqa: F401 (re-exported)
 
 # Backstop only: this module never calls webdataset's default decoders (which unpickle .pyd/.pkl).
 os.environ.setdefault("WDS_SECURE", "1")
@@ -102,50 +103,25 @@ class LoaderConfig:
     """most samples waiting in shape buckets before the oldest bucket leaves as a smaller batch"""
     prefetch: int = 2
     """batches prefetched per worker"""
+    mix: list[MixSource] = field(default_factory=list)
+    """corpora to mix ([[data.mix]] tables: shards, select, weight; shards.mix); empty: `shards` alone"""
+    mix_by: list[str] = field(default_factory=list)
+    """stratum fields whose value combinations are the mixed groups, e.g. ["modality", "center"]"""
+    temperature: float = 1.0
+    """group shares ~ samples ** (1 / temperature) unless the sources carry weights (1: as stored)"""
+    select: dict[str, list[str]] = field(default_factory=dict)
+    """only these samples, e.g. {modality = ["cine"], center = ["Center001"]} (shards.select): shards
+    without any are dropped (manifest strata) before the split over ranks and workers, and the other
+    samples of a mixed shard are skipped from their meta.json, before their k-space is read"""
 
 
 # --------------------------------------------------------------------------------------------- shards
 
 
-#: what to run when the shards a config names are not there (the README's fresh-clone path)
-MAKE_SHARDS = ("python -m shards.synthetic --set out=data/synthetic && "
-               "python -m shards.convert --set input=data/synthetic --set out=out/shards")
-
-
-class ShardError(ValueError):
-    """Shards that are missing, unreadable or yield no usable sample; the message names them."""
-
-
-def resolve_shards(spec: str, split: str) -> list[str]:
-    """Shard paths: the manifest's list for `split` (a directory), or a brace pattern / glob.
-
-    A path that does not exist, a pattern that matches nothing, and a manifest whose shards are all
-    gone are errors that say so (and how shards are made); some shards gone is a warning naming them.
-    """
-    path = Path(spec)
-    if path.is_dir():
-        manifest = Manifest.read(path)
-        if manifest.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"{path / MANIFEST_NAME}: schema {manifest.schema_version}, reader is {SCHEMA_VERSION}")
-        urls = [str(p) for p in manifest.shard_paths(path, split)]
-        gone = [u for u in urls if not Path(u).is_file()]
-        if gone and len(gone) == len(urls):
-            raise ShardError(f"{path / MANIFEST_NAME} lists {len(urls)} {split} shards and none is on disk "
-                             f"(e.g. {gone[0]}); convert again: python -m shards.convert --set out={spec} ...")
-        if gone:
-            log.warning("%s: %d of %d listed %s shards are missing and will not be read: %s", path / MANIFEST_NAME,
-                        len(gone), len(urls), split, ", ".join(gone[:5]))
-            urls = [u for u in urls if u not in gone]
-    elif not any(c in spec for c in "*?[{"):
-        raise ShardError(f"{spec}: does not exist. Shards are made by: {MAKE_SHARDS} "
-                         f"(or set data.shards to a converted folder)")
-    else:
-        urls = sorted({u for pat in braceexpand.braceexpand(spec) for u in glob.glob(pat)})
-        if not urls:
-            raise ShardError(f"{spec}: the pattern matches no file")
-    if not urls:
-        raise ShardError(f"{spec}: no shards (split {split!r})")
-    return urls
+def resolve_shards(spec: str, split: str, select: Selection | None = None) -> list[str]:
+    """Shard paths to read: the manifest's list for `split` (a directory; with a selection, only
+    shards that hold selected samples), or a brace pattern / glob (shards.select.shard_entries)."""
+    return [url for url, _ in shard_entries(spec, split, select)]
 
 
 @dataclass(frozen=True)
@@ -181,30 +157,46 @@ class ShardPlan:
 # --------------------------------------------------------------------------------------------- stages
 
 
-def _raw_samples(url: str, start: int) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+def _raw_samples(url: str, start: int, keep: Callable[[int, dict], bool] | None = None) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """(offset, key, {member: bytes}) for the samples of one tar from `start` on, grouped by key as
     webdataset does (`<key>.<member>`, key = name up to the first dot). Members of skipped samples are
     not read. A truncated tar raises (tarfile.TarError/OSError/EOFError) after its intact part.
 
+    With `keep(offset, meta)` (selection, mixing), a sample's meta.json is read first and the sample
+    is passed over (its k-space never read) unless kept; offsets still count every sample, so
+    positions do not depend on the decision. A meta.json that does not parse lets the sample
+    through, so that decoding reports it.
+
     The tar is opened seekable ("r:"): each member is one read() call. webdataset's tar_file_iterator
     streams ("r|*") in 10 KiB reads, which cost 37% of the loader's time on real-sized samples."""
+
+    def read(tf: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+        data = tf.extractfile(info).read()
+        if len(data) != info.size:
+            raise tarfile.ReadError(f"unexpected end of data in {info.name}")
+        return data
+
+    def wanted(tf: tarfile.TarFile, off: int, members: dict[str, tarfile.TarInfo]) -> bool:
+        if keep is None or META_MEMBER not in members:
+            return True
+        try:
+            meta = json.loads(read(tf, members[META_MEMBER]))
+        except ValueError:
+            return True
+        return not isinstance(meta, dict) or keep(off, meta)
+
     with tarfile.open(url, mode="r:") as tf:
-        key, off, group = None, -1, {}
-        for info in tf:
-            if not info.isreg():
+        key, off, members = None, -1, {}
+        for info in itertools.chain(tf, [None]):
+            if info is not None and not info.isreg():
                 continue
-            k, _, ext = info.name.partition(".")
+            k = None if info is None else info.name.partition(".")[0]
             if k != key:
-                if key is not None and off >= start:
-                    yield off, key, group
-                key, off, group = k, off + 1, {}
-            if off >= start:
-                f = tf.extractfile(info)
-                group[ext] = f.read()
-                if len(group[ext]) != info.size:
-                    raise tarfile.ReadError(f"unexpected end of data in {info.name}")
-        if key is not None and off >= start:
-            yield off, key, group
+                if key is not None and off >= start and wanted(tf, off, members):
+                    yield off, key, {ext: read(tf, m) for ext, m in members.items()}
+                key, off, members = k, off + 1, {}
+            if info is not None and off >= start:
+                members[info.name.partition(".")[2]] = info
 
 
 class _FixedMasks:
@@ -243,7 +235,8 @@ def prepare(sample: Sample, rng: np.random.Generator, cfg: LoaderConfig, train: 
     t_all, _, ny, nx = k.shape
     start = int(rng.integers(0, max(t_all - cfg.frames, 0) + 1)) if train else 0
     frames = np.clip(np.arange(start, start + cfg.frames), 0, t_all - 1)   # replicate the last frame
-    meta = dict(sample.meta, __key__=sample.key, __url__=sample.extra.get("__url__", ""), frames=frames.tolist())
+    meta = dict(sample.meta, __key__=sample.key, __url__=sample.extra.get("__url__", ""), frames=frames.tolist(),
+                mix_group=sample.extra.get("mix_group"))
     acquired = sample.mask is not None and (not sample.meta.get("fully_sampled") or cfg.use_acquired_mask)
     if acquired:
         m = sample.mask[np.minimum(frames, sample.mask.shape[0] - 1)]          # 2-D masks: T_mask = 1
@@ -289,8 +282,8 @@ class _Stream:
     Each stage is a generator over the previous one; the stream position (`self.next`, the pending
     bucket positions, `self.skipped`) is what `state()` reports with every batch."""
 
-    def __init__(self, urls: list[str], plan: ShardPlan, cfg: LoaderConfig, worker: int, state: dict) -> None:
-        self.urls, self.plan, self.cfg, self.worker = urls, plan, cfg, worker
+    def __init__(self, mix: MixPlan, plan: ShardPlan, cfg: LoaderConfig, worker: int, state: dict) -> None:
+        self.mix, self.urls, self.plan, self.cfg, self.worker = mix, mix.urls, plan, cfg, worker
         self.train = cfg.mode == "train"
         self.next = tuple(state["next"])                 # (draw, offset) of the next raw sample
         self.pending = [tuple(p) for p in state["pending"]]
@@ -326,8 +319,28 @@ class _Stream:
             if self.train and d % max(self.plan.per_epoch(self.worker), 1) == 0 and self.skipped:
                 log.info("worker %d: epoch %d done, %d samples skipped so far", self.worker, drawn[0], self.skipped)
 
+    def _keep(self, epoch: int, shard: int) -> Callable[[int, dict], bool] | None:
+        """The per-sample decision of one shard from its meta.json: selected, and (training) kept by
+        the mix's rejection sampling; None when every sample is kept."""
+        select = self.mix.selects[self.mix.url_source[shard]]
+        mixing = self.train and not self.mix.trivial
+        if not select and not mixing:
+            return None
+
+        def keep(off: int, meta: dict) -> bool:
+            if not matches(meta, select):
+                return False
+            if not mixing or self.mix.accept(shard, meta, [self.cfg.seed, epoch, shard, off]):
+                return True
+            # a readable, selected sample the mix passed over: this shard is not what the bounded
+            # failure check looks for (unreadable or refused), however many such draws come in a row
+            self.fruitless.clear()
+            return False
+
+        return keep
+
     def tar(self, shards: Iterator[tuple[int, int, int]]) -> Iterator[tuple[tuple[int, int], str, dict]]:
-        for d, _, shard in shards:
+        for d, epoch, shard in shards:
             url, key = self.urls[shard], "(start of shard)"
             if self.train and len(self.fruitless) >= max(self.plan.per_epoch(self.worker), 1):
                 # every shard of this worker tried in a row, nothing usable: an endless loop otherwise
@@ -337,7 +350,7 @@ class _Stream:
             self.fruitless.append(url)
             start = self.next[1] if d == self.next[0] else 0
             try:
-                for off, key, files in _raw_samples(url, start):
+                for off, key, files in _raw_samples(url, start, self._keep(epoch, shard)):
                     self.next = (d, off + 1)
                     yield (d, off), key, files
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
@@ -411,6 +424,8 @@ class _Stream:
             self._skip(url, key, exc)
             return None
         sample.extra["__url__"] = url
+        g = self.mix.group_of(self.mix.url_source[self.plan.draw(self.worker, pos[0])[1]], sample.meta)
+        sample.extra["mix_group"] = None if g is None else self.mix.groups[g].name
         return sample
 
     def _prepare_one(self, pos: tuple[int, int], sample: Sample) -> dict | None:
@@ -445,14 +460,14 @@ class _Streams(IterableDataset):
     """The logical streams, one per DataLoader worker, rotated so that logical worker `first` runs in
     DataLoader worker 0 (the DataLoader's round-robin always starts at worker 0)."""
 
-    def __init__(self, urls: list[str], plan: ShardPlan, cfg: LoaderConfig, states: list[dict], first: int) -> None:
-        self.urls, self.plan, self.cfg, self.states, self.first = urls, plan, cfg, states, first
+    def __init__(self, mix: MixPlan, plan: ShardPlan, cfg: LoaderConfig, states: list[dict], first: int) -> None:
+        self.mix, self.plan, self.cfg, self.states, self.first = mix, plan, cfg, states, first
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         physical = 0 if info is None else info.id
         w = (physical + self.first) % len(self.states)
-        return iter(_Stream(self.urls, self.plan, self.cfg, w, self.states[w]))
+        return iter(_Stream(self.mix, self.plan, self.cfg, w, self.states[w]))
 
 
 # --------------------------------------------------------------------------------------------- loader
@@ -467,13 +482,17 @@ class ShardLoader:
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world {world}")
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.urls = resolve_shards(cfg.shards, cfg.split)
+        self.mix = plan_mix(cfg.shards, cfg.split, cfg.select, cfg.mix, cfg.mix_by, cfg.temperature)
+        self.urls = self.mix.urls
         self.n_streams = max(1, cfg.workers)
         self.plan = ShardPlan(len(self.urls), rank, world, self.n_streams, cfg.seed, endless=cfg.mode == "train")
         if cfg.mode == "train" and len(self.urls) < world * self.n_streams:
-            raise ValueError(f"{cfg.shards}: {len(self.urls)} {cfg.split} shards for {world} ranks x "
-                             f"{self.n_streams} workers: every worker needs at least one shard (convert with "
-                             f"a smaller shard_samples)")
+            what = f"{cfg.split} shards hold samples selected by {dict(cfg.select)}" if cfg.select else f"{cfg.split} shards"
+            raise ValueError(f"{cfg.shards}: {len(self.urls)} {what}, for {world} ranks x {self.n_streams} "
+                             f"workers = {world * self.n_streams} streams: every worker needs at least one shard. "
+                             f"Use at most {len(self.urls)} ranks x workers (e.g. data.workers="
+                             f"{max(len(self.urls) // world, 0)}), or convert with a smaller shard_samples so that "
+                             f"the selected data spread over more shards")
         if len(self.urls) < world * self.n_streams:
             log.warning("%d shards for %d ranks x %d workers: some workers have nothing to read",
                         len(self.urls), world, self.n_streams)
@@ -482,6 +501,14 @@ class ShardLoader:
     def _reset(self) -> None:
         self._states = [{"next": [0, 0], "pending": [], "skipped": 0, "done": False} for _ in range(self.n_streams)]
         self._next_worker = 0
+        self._mixed: dict[str, int] = {}
+
+    @property
+    def mixed(self) -> dict[str, dict[str, float]]:
+        """Per mix group: its configured share, and the share and count of the samples handed out so far."""
+        total = max(sum(self._mixed.values()), 1)
+        return {g.name: {"configured": g.weight, "realised": self._mixed.get(g.name, 0) / total,
+                         "samples": self._mixed.get(g.name, 0)} for g in self.mix.groups}
 
     @property
     def skipped(self) -> int:
@@ -491,7 +518,7 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict]:
         if self.cfg.mode == "eval" and all(s["done"] for s in self._states):
             self._reset()                                       # a finished eval pass: start a new one
-        dataset = _Streams(self.urls, self.plan, self.cfg, copy.deepcopy(self._states), self._next_worker)
+        dataset = _Streams(self.mix, self.plan, self.cfg, copy.deepcopy(self._states), self._next_worker)
         if self.cfg.workers == 0:
             items: Any = iter(dataset)
         else:
@@ -501,21 +528,27 @@ class ShardLoader:
             self._states[it["worker"]] = it["state"]
             self._next_worker = (it["worker"] + 1) % self.n_streams
             if it["batch"] is not None:
+                for meta in it["batch"]["meta"]:
+                    name = str(meta.get("mix_group"))
+                    self._mixed[name] = self._mixed.get(name, 0) + 1
                 yield it["batch"]
 
     def state_dict(self) -> dict:
         """JSON-able position of this loader (as of the last batch handed out)."""
         return {"version": STATE_VERSION, "mode": self.cfg.mode, "seed": self.cfg.seed, "rank": self.rank,
-                "world": self.world, "workers": self.n_streams, "shards": len(self.urls),
+                "world": self.world, "workers": self.n_streams, "shards": len(self.urls), "select": dict(self.cfg.select),
+                "mix": self.mix.signature(), "mixed": dict(self._mixed),
                 "next_worker": self._next_worker, "streams": copy.deepcopy(self._states)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken (same config, rank, world and worker count)."""
         mine = self.state_dict()
-        for k in ("version", "mode", "seed", "rank", "world", "workers", "shards"):
-            if state.get(k) != mine[k]:
+        absent = {"select": {}, "mix": [["all", 1.0]]}           # states written before selection and mixing
+        for k in ("version", "mode", "seed", "rank", "world", "workers", "shards", "select", "mix"):
+            if state.get(k, absent.get(k)) != mine[k]:
                 raise ValueError(f"loader state does not fit: {k} is {state.get(k)!r} in the state, {mine[k]!r} here")
         self._states = copy.deepcopy(state["streams"])
+        self._mixed = dict(state.get("mixed", {}))
         self._next_worker = int(state["next_worker"])
 
 

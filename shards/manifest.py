@@ -9,11 +9,21 @@ skips the source files the manifest lists as done. The manifest is written under
       "schema_version": 1,                  # shards.sample.SCHEMA_VERSION of every sample
       "input": "/abs/path/of/the/tree",
       "shards": [{"name": "train-000000.tar", "split": "train", "samples": 12,
-                  "bytes": 123456, "sha256": "..."}],
+                  "bytes": 123456, "sha256": "...",
+                  "strata": [{"year": 2025, "split": "train", "set": "FullSample", "modality": "Cine",
+                              "view": "sax", "center": "Center001", "vendor": "Siemens",
+                              "scanner": "Siemens_30T_Vida", "field_T": 3.0, "pattern": null,
+                              "R": null, "samples": 9}, ...]}],
       "sources": {"ChallengeData/.../cine_sax.mat": {"samples": 3, "split": "train"}},
       "errors": [{"source": "ChallengeData/.../bad.mat", "problem": "..."}],
       "config": {...}                       # the ConvertConfig that wrote it
     }
+
+Strata. Each shard lists how many of its samples fall in each combination of STRATUM_FIELDS (one
+entry per combination present; the counts sum to `samples`). The loader selects shards with them
+before it opens any tar (`data.select`), and mixing weights come from them; per-field counts
+(`ShardEntry.counts`) are sums over strata. A manifest written before strata existed has none: such
+a shard cannot be excluded by a selection (the loader still filters its samples one by one).
 """
 
 from __future__ import annotations
@@ -29,6 +39,9 @@ from typing import Any
 from launch.outputs import write_atomic
 
 MANIFEST_NAME = "manifest.json"
+#: what a shard's per-sample counts are broken down by: every field a selection or a mix may use.
+STRATUM_FIELDS = ("year", "split", "set", "modality", "view", "center", "vendor", "scanner", "field_T",
+                  "pattern", "R")
 
 
 class ManifestError(ValueError):
@@ -42,6 +55,14 @@ class ShardEntry:
     samples: int
     bytes: int
     sha256: str
+    strata: list[dict[str, Any]] = field(default_factory=list)   # STRATUM_FIELDS values + "samples"
+
+    def counts(self, name: str) -> dict[str, int]:
+        """Samples per value of one stratum field, e.g. counts("modality") -> {"Cine": 9, "LGE": 3}."""
+        out: dict[str, int] = {}
+        for s in self.strata:
+            out[str(s.get(name))] = out.get(str(s.get(name)), 0) + int(s["samples"])
+        return out
 
 
 @dataclass

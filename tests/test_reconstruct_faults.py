@@ -141,8 +141,8 @@ def test_symlinked_folders_are_followed_and_broken_links_reported(synthetic_root
 def test_sigkill_midway_leaves_the_previous_tree_whole_and_a_rerun_completes(
         synthetic_root: Path, tiny_backbone: Path, tmp_path: Path) -> None:
     """Kill -9 while the second run is writing: `out` is still exactly the first run's tree (no
-    half-written or mixed file visible); the next run removes the dead run's staging folder and
-    finishes."""
+    half-written or mixed file visible); the next run resumes the dead run's staging folder (same
+    configuration: finetune.rank_share.shared_stage) and finishes."""
     inp = cine_tree(synthetic_root, tmp_path / "in")
     assert len(kus_rel(inp)) >= 2                                 # one written, at least one to go at the kill
     out = tmp_path / "recon"
@@ -152,14 +152,14 @@ def test_sigkill_midway_leaves_the_previous_tree_whole_and_a_rerun_completes(
     p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(f".recon.partial-{p.pid}/**/*_kus_*.mat")):
+    while not list(tmp_path.glob(".recon.resume-*/**/*_kus_*.mat")):
         assert p.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.005)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert digest(out) == first                                   # the previous tree, whole
-    assert list(tmp_path.glob(".recon.partial-*"))                # the dead run's staging, not visible as out
-    assert main(args(inp, out, tiny_backbone)) == 0               # the rerun removes it and completes
-    assert not list(tmp_path.glob(".recon.partial-*"))
+    assert list(tmp_path.glob(".recon.resume-*"))                 # the dead run's staging, not visible as out
+    assert main(args(inp, out, tiny_backbone)) == 0               # the rerun resumes it and completes
+    assert not list(tmp_path.glob(".recon.resume-*"))
     assert set(digest(out)) == set(first)

@@ -209,6 +209,36 @@ def test_finetune_array_rejects_a_task_without_a_pair(slurm: SlurmCluster, tmp_p
     assert "array task 1: cine:ktRadial lists only 1 pairs (submit with --array=0-0)" in log, log
 
 
+# ---------------------------------------------------------------------------------------------- reconstruct
+@pytest.mark.slurm
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_reconstruct_sbatch_two_nodes_writes_the_one_process_tree(slurm: SlurmCluster, synthetic_root: Path,
+                                                                  backbone: Path, tmp_path: Path) -> None:
+    inp = synthetic_root / "ChallengeData_ValSet"
+    one, out = tmp_path / "one", tmp_path / "recon"
+    sets = ["--set", f"input={inp}", "--set", f"backbone={backbone}", "--set", "progress=false"]
+    subprocess.run([sys.executable, "-m", "finetune.reconstruct", *sets, "--set", f"out={one}"], cwd=REPO, check=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=300)
+    job = slurm.submit(REPO / "launch/reconstruct.sbatch",
+                       env=job_env(CMRFM_INPUT=str(inp), CMRFM_OUT=str(out), CMRFM_BACKBONE=str(backbone),
+                                   CMRFM_DEVICE="cpu"),
+                       sbatch_args=("-N2", "--ntasks-per-node=1", "--gpus-per-task=1", "--cpus-per-task=1"))
+    state = slurm.wait(job, JOB_DEADLINE_S)
+    log = slurm.output(job).read_text(errors="replace")
+    assert (state.state, state.exit_code) == ("COMPLETED", "0:0"), slurm.describe(job)
+    assert "2 reconstruction ranks on node[1-2]" in log, log
+    for rank in (0, 1):
+        assert re.search(rf"^{rank}: \[reconstruct rank {rank}/2\] \d+ files", log, re.M), log
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.mat"))}
+
+    assert files(out) == files(one) and len(files(one)) >= 4
+    report = json.loads((out / "reconstruct_report.json").read_text())
+    assert [r["rank"] for r in report["ranks"]] == [0, 1] and report["written"] == len(files(one))
+
+
 # ---------------------------------------------------------------------------------------------- scheduling
 @pytest.mark.slurm
 @pytest.mark.distributed

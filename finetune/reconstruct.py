@@ -27,7 +27,8 @@ name>.h5` holding `reconstruction` (slices, readout, phase) float32, fastMRI's o
 write the same tree to `<out>_<method>`, a sibling of the resolved `out` (never inside it). Bad input
 (no mask, unknown contrast or pattern, a shape the model cannot take, a missing or broken adapter)
 gets one message naming the file; the rest of the folder is still processed; the messages are also
-in `<out>/reconstruct_report.json`.
+in `<out>/reconstruct_report.json`. `adapt.steps` > 0 first adapts the model of each (center, vendor)
+group to that group's own undersampled k-space (finetune.adapt; adapters in `<out>_adapted/`).
 
 Safety (docs/design.md §4): the whole config is checked before any work (input present and holding
 inputs, backbone readable, method names known, no output equal to, inside or containing the input);
@@ -66,7 +67,7 @@ from finetune.rank_share import Journal, fingerprint, share, shared_stage
 from finetune.settings import ReconstructConfig
 from challenge.submission import SubmissionError, mask_path, parse_kus_path, save_img4ranking
 from launch.cli import ConfigError, dump_config, parse_args
-from launch.outputs import EXIT_SKIPPED, EXIT_USAGE, OutputError, check_separate, sibling
+from launch.outputs import EXIT_SKIPPED, EXIT_USAGE, OutputError, check_separate, replaced_tree, sibling
 from launch.trees import find_files
 from models.adapters import load_adapter, merge_adapters
 from models.coils import rss
@@ -88,6 +89,7 @@ MIN_MATRIX = (14, 21)
 CLASSICAL_METHODS = ("zero_filled", "sense", "l1_wavelet")
 METHODS = ("cmrfm",) + CLASSICAL_METHODS
 REPORT = "reconstruct_report.json"
+ADAPT_REPORT = "adapt_report.json"  # marks <out>_adapted/ as test-time adaptation's output
 
 
 class ReconstructError(ValueError):
@@ -243,8 +245,10 @@ def file_meta(path: Path) -> tuple[dict, str, str | None, list[str]]:
     return meta, case.modality.lower(), case.pattern, []
 
 
-def reconstruct_file(path: Path, bank: ModelBank, cfg: ReconstructConfig) -> tuple[FileOutcome, np.ndarray, np.ndarray | None]:
-    """Reconstruct one kus file -> (outcome, img4ranking, full volume (nt, nz, ny, nx) or None)."""
+def reconstruct_file(path: Path, bank: ModelBank, cfg: ReconstructConfig,
+                     adapted: tuple[ReconModel, str] | None = None) -> tuple[FileOutcome, np.ndarray, np.ndarray | None]:
+    """Reconstruct one kus file -> (outcome, img4ranking, full volume (nt, nz, ny, nx) or None).
+    `adapted`: (model, label) from test-time adaptation (finetune.adapt), used instead of the bank's."""
     outcome = FileOutcome(str(path))
     meta, contrast, pattern, outcome.notes = file_meta(path)
     kspace, mask, notes = load_pair(path)
@@ -259,6 +263,8 @@ def reconstruct_file(path: Path, bank: ModelBank, cfg: ReconstructConfig) -> tup
     model, outcome.adapter, problem = bank.get(contrast, pattern)
     if problem:
         outcome.notes.append(f"{path}: {problem}; using the bare backbone")
+    if adapted is not None:
+        model, outcome.adapter = adapted
     nt, nz = kspace.shape[:2]
     stem = parse_kus_path(path).stem
     frames = list(range(nt)) if cfg.full_volumes else select_frames(nt, stem)
@@ -346,7 +352,8 @@ def validate(cfg: ReconstructConfig, outs: list[Path] | None = None) -> tuple[li
         if cfg.adapters and not Path(cfg.adapters).is_dir():
             raise ReconstructError(cfg.adapters, "adapter bank folder does not exist (--set adapters= for none)")
     if outs is None:
-        outs = list(output_dirs(cfg).values()) + ([sibling(cfg.out, "_volumes")] if cfg.full_volumes else [])
+        outs = list(output_dirs(cfg).values()) + ([sibling(cfg.out, "_volumes")] if cfg.full_volumes else []) \
+            + ([sibling(cfg.out, "_adapted")] if cfg.adapt.steps > 0 and "cmrfm" in cfg.methods else [])
     check_separate(root, outs)
     for i, a in enumerate(outs):   # two outputs nested in each other would swap each other away
         for b in outs[i + 1:]:
@@ -405,12 +412,22 @@ def _reconstruct_ranks(cfg: ReconstructConfig, dist: DistEnv, log: Callable[[str
     files = kus + h5
     settings = {k: getattr(cfg, k) for k in ("frames", "batch_size", "full_volumes", "task", "backbone", "adapters")}
     settings.update(input=str(root.resolve()), out=str(out.resolve()), device=cfg.device.split(":")[0])
+    settings["adapt"] = dataclasses.asdict(cfg.adapt)  # adapted outputs differ from unadapted ones
+    if cfg.adapt.steps > 0 and world > 1:
+        raise ReconstructError("adapt.steps", f"test-time adaptation runs on one process ({world} ranks here): "
+                                              "a (center, vendor) group's files are adapted on together")
     fp = fingerprint(settings, cfg.backbone, cfg.adapters)
     device = torch.device(dist.device if cfg.device.startswith("cuda") and world > 1 else cfg.device)
     bank = ModelBank(cfg.backbone, cfg.adapters, device)
     volumes = sibling(out, "_volumes")
     with shared_stage(out, REPORT, fp, rank, world) as stage, \
-            (shared_stage(volumes, REPORT, fp, rank, world) if cfg.full_volumes else _no_tree()) as vstage:
+            (shared_stage(volumes, REPORT, fp, rank, world) if cfg.full_volumes else _no_tree()) as vstage, \
+            (replaced_tree(sibling(out, "_adapted"), ADAPT_REPORT) if cfg.adapt.steps > 0 else _no_tree()) as astage:
+        adapter = None
+        if astage is not None:  # test-time self-supervised adaptation per (center, vendor), one process
+            from finetune.adapt import TestTimeAdapter  # it imports this module
+
+            adapter = TestTimeAdapter(kus, bank, cfg, log, astage)
         journal = Journal(stage, rank, world)
         done = {p: o for p, o in journal.done().items() if output_path(Path(p), root, stage).is_file()}
         if world > 1:
@@ -432,7 +449,7 @@ def _reconstruct_ranks(cfg: ReconstructConfig, dist: DistEnv, log: Callable[[str
                 if path.suffix == ".h5":
                     outcome = reconstruct_fastmri(path, bank, cfg, target)
                 else:
-                    outcome, ranked, volume = reconstruct_file(path, bank, cfg)
+                    outcome, ranked, volume = reconstruct_file(path, bank, cfg, adapter.model_for(path) if adapter else None)
                     save_img4ranking(target, ranked)
                     if volume is not None:
                         write_volume(output_path(path, root, vstage), volume)
@@ -465,6 +482,9 @@ def _reconstruct_ranks(cfg: ReconstructConfig, dist: DistEnv, log: Callable[[str
                   "resumed": len(done), "ranks": ranks,
                   "adapters": {o.path: o.adapter for o in merged if not o.error},
                   "notes": [n for o in merged for n in o.notes]}
+        if adapter is not None:
+            report["adapt"] = adapter.results
+            (astage / ADAPT_REPORT).write_text(json.dumps(adapter.results, indent=2) + "\n")
         if rank == 0:
             text = json.dumps(report, indent=2) + "\n"
             (stage / REPORT).write_text(text)
@@ -473,7 +493,6 @@ def _reconstruct_ranks(cfg: ReconstructConfig, dist: DistEnv, log: Callable[[str
     if rank == 0:
         log(f"wrote {report['written']}/{report['files']} files to {out} ({new_slices} slices on {world} rank(s), "
             f"{new_slices / max(wall, 1e-9):.2f} slices/s in total); {len(report['errors'])} error(s)")
-    return report
     return report
 
 

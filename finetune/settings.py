@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models.adapters import DEFAULT_TARGETS
 from models.sizes import ModelConfig
+from pretrain.objective import ObjectiveConfig
 from shards.loader import LoaderConfig
 
 
@@ -79,6 +81,34 @@ class ClassicalConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """Test-time self-supervised adaptation (finetune.adapt): per (center, vendor) group of the input
+    tree, a fresh LoRA on the model its files use, trained with the SSDU split objective on the group's
+    own undersampled k-space (no reference is read). Off unless steps > 0."""
+
+    steps: int = 0
+    """Optimizer steps per group (0 = no adaptation)."""
+    rank: int = 4
+    alpha: float = 8.0
+    targets: str = DEFAULT_TARGETS
+    """Regex of the nn.Linear layers that get the test-time LoRA."""
+    forms: list[str] = field(default_factory=lambda: ["lora"])
+    """Adapter forms of the test-time adapter (models.adapters.FORMS)."""
+    lr: float = 1e-3
+    windows: int = 8
+    """T-frame windows (file, slice, frames) drawn from the group to adapt on."""
+    holdout: float = 0.25
+    """Fraction of those windows never trained on: their SSDU loss (fixed splits) is the guard."""
+    eval_every: int = 5
+    """Held-out loss every this many steps (and at the end)."""
+    patience: int = 2
+    """Stop after this many evaluations in a row above the best held-out loss."""
+    seed: int = 0
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """The Θ/Λ split, as in pretraining."""
+
+
+@dataclass
 class ReconstructConfig:
     """Reconstruct a validation-style tree of `*_kus_<Pattern><R>.mat` files into a submission tree."""
 
@@ -103,6 +133,8 @@ class ReconstructConfig:
     # "l1_wavelet" -> `<out>_<method>` (python -m finetune.reconstruct).
     methods: list[str] = field(default_factory=lambda: ["cmrfm"])
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)
+    # Test-time self-supervised adaptation per (center, vendor); adapters go to `<out>_adapted/`.
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
 
 # ---- fine-tuning (adapters per contrast x pattern): `python -m finetune.train`, `python -m finetune.bank`
@@ -123,6 +155,9 @@ class AdapterSpec:
     dropout: float = 0.0
     targets: str = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
     """Regex (re.fullmatch on the module name) of the nn.Linear layers that get adapters."""
+    forms: list[str] = field(default_factory=lambda: ["lora"])
+    """Adapter forms (models.adapters): "lora", "scale_shift" (per-channel, on the same layers), "prompt"
+    (learned offsets of the metadata conditioning tokens), any combination."""
 
 
 @dataclass

@@ -97,7 +97,8 @@ def build_trainable(cfg: FinetuneConfig, device: torch.device) -> ReconModel:
             p.requires_grad_(True)
         return model
     torch.manual_seed(cfg.run.seed)  # same LoRA A init on every rank (DDP also broadcasts rank 0's)
-    add_adapters(model, cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.targets, cfg.adapter.dropout)
+    add_adapters(model, cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.targets, cfg.adapter.dropout,
+                 cfg.adapter.forms)
     return model
 
 

@@ -1,19 +1,36 @@
-"""LoRA adapters on the backbone's linear layers, saved in PEFT's file format (without PEFT).
+"""Adapters on the frozen backbone, saved in PEFT's file layout (without PEFT).
 
-    W x  ->  W x + (alpha / r) * B A dropout(x)      A (r, in) kaiming-uniform, B (out, r) zeros
+Three forms, alone or combined (`forms`), every one an exact no-op when added:
 
-B starts at zero, so a freshly added adapter is an exact no-op. `add_adapters` wraps each targeted
-`nn.Linear` (by default the attention qkv/proj and MLP fc1/fc2 of every timm block, never the patch
-embedding or head) in a `LoRALinear` in place and freezes every other parameter.
+    "lora"         W x -> W x + (alpha / r) B A dropout(x)      A (r, in) kaiming-uniform, B (out, r) zeros
+    "scale_shift"  y -> y * (1 + gamma) + beta per output channel of the same linear layers
+                   (SSF, Lian et al. 2022), gamma = beta = 0 at init
+    "prompt"       a learned offset (6, D), zeros at init, added to the six metadata conditioning tokens
+                   the transformer reads (prompt tuning on the tokens the backbone already has; one adapter
+                   belongs to one contrast and pattern, so these are per contrast and pattern)
 
-Files (what `peft.PeftModel.from_pretrained` reads):
+All three fold into the base weights (`merge_adapters`): B A into W, (1 + gamma) into W's rows and b,
+the prompt offset of field f into every row of f's block of the conditioning table. So inference
+runs at backbone speed whatever the form.
+
+`add_adapters` wraps each targeted `nn.Linear` (by default the attention qkv/proj and MLP fc1/fc2 of
+every timm block, never the patch embedding or head) in a `LoRALinear` in place (rank 0 = scale and
+shift only) and freezes every other parameter.
+
+Files (what `peft.PeftModel.from_pretrained` reads for the LoRA part):
     <dir>/adapter_config.json        peft_type "LORA", r, lora_alpha, target_modules (a regex that
                                      must match a module's full name, as PEFT does for a string),
-                                     lora_dropout, bias "none", + cmrfm fields (contrast, pattern, ...)
-    <dir>/adapter_model.safetensors  base_model.model.<module path>.lora_A.weight / .lora_B.weight
+                                     lora_dropout, bias "none", + cmrfm fields (contrast, pattern,
+                                     cmrfm_forms, ...)
+    <dir>/adapter_model.safetensors  base_model.model.<module path>.lora_A.weight / .lora_B.weight,
+                                     and for the cmrfm forms .ssf_scale / .ssf_shift and
+                                     base_model.model.conditioning.prompt (PEFT ignores neither
+                                     silently: only cmrfm reads adapters with cmrfm_forms beyond "lora")
 
 PEFT itself is not a dependency (it pulls in transformers); only its format is kept.
-References: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022; PEFT `tuners/lora`.
+References: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022; PEFT `tuners/lora`;
+Lian et al., "Scaling & Shifting Your Features: A New Baseline for Efficient Model Tuning", NeurIPS 2022;
+Lester et al., "The Power of Scale for Parameter-Efficient Prompt Tuning", EMNLP 2021.
 """
 
 from __future__ import annotations
@@ -28,42 +45,93 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.conditioning import Conditioning
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 DEFAULT_TARGETS = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 _PREFIX = "base_model.model."
+FORMS = ("lora", "scale_shift", "prompt")
+#: parameter-name endings of adapter tensors (everything else is the frozen base)
+_ADAPTER_PARAMS = (".lora_A.weight", ".lora_B.weight", ".ssf_scale", ".ssf_shift", "conditioning.prompt")
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a parameter of the model (its full name) belongs to an adapter."""
+    return name.endswith(_ADAPTER_PARAMS)
 
 
 class LoRALinear(nn.Module):
-    """`base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`, with the base layer frozen.
+    """`base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`, then optionally `* (1 + ssf_scale) + ssf_shift`,
+    with the base layer frozen.
 
-    Attribute names follow PEFT (`base_layer`, `lora_A`, `lora_B`, `lora_dropout`, `scaling`).
+    Attribute names follow PEFT (`base_layer`, `lora_A`, `lora_B`, `lora_dropout`, `scaling`). rank 0
+    means no low-rank update (lora_A = lora_B = None): scale and shift only.
     """
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 targets_regex: str = DEFAULT_TARGETS) -> None:
+                 targets_regex: str = DEFAULT_TARGETS, scale_shift: bool = False) -> None:
         super().__init__()
-        if rank < 1:
+        if rank < 0 or (rank == 0 and not scale_shift):
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         dd = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         self.base_layer = base_layer
-        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, **dd)
-        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, **dd)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
-        nn.init.zeros_(self.lora_B.weight)  # the adapter starts as a no-op
+        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, **dd) if rank else None
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, **dd) if rank else None
+        if rank:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
+            nn.init.zeros_(self.lora_B.weight)  # the adapter starts as a no-op
+        self.ssf_scale = nn.Parameter(torch.zeros(base_layer.out_features, **dd)) if scale_shift else None
+        self.ssf_shift = nn.Parameter(torch.zeros(base_layer.out_features, **dd)) if scale_shift else None
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank, self.alpha, self.dropout, self.targets_regex = rank, alpha, dropout, targets_regex
-        self.scaling = alpha / rank
+        self.scaling = alpha / rank if rank else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        y = self.base_layer(x)
+        if self.lora_A is not None:
+            y = y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        if self.ssf_scale is not None:
+            y = y * (1 + self.ssf_scale) + self.ssf_shift
+        return y
 
     def merged(self) -> nn.Linear:
-        """The base layer with B A * scaling folded into its weight (computed in float32)."""
+        """The base layer with B A * scaling, then the scale and shift, folded in (computed in float32)."""
+        base = self.base_layer
         with torch.no_grad():
-            delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-            self.base_layer.weight.copy_((self.base_layer.weight.float() + delta).to(self.base_layer.weight.dtype))
-        return self.base_layer
+            weight = base.weight.float()
+            if self.lora_A is not None:
+                weight = weight + (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+            if self.ssf_scale is not None:
+                gain = 1 + self.ssf_scale.float()
+                weight = weight * gain[:, None]
+                bias = (base.bias.float() if base.bias is not None else 0.0) * gain + self.ssf_shift.float()
+                if base.bias is None:
+                    base.bias = nn.Parameter(torch.empty_like(self.ssf_shift), requires_grad=False)
+                base.bias.copy_(bias.to(base.bias.dtype))
+            base.weight.copy_(weight.to(base.weight.dtype))
+        return base
+
+
+class PromptedConditioning(nn.Module):
+    """The metadata conditioning tokens plus a learned offset per token ("prompt" form), zeros at init."""
+
+    def __init__(self, base: Conditioning) -> None:
+        super().__init__()
+        self.base = base
+        self.prompt = nn.Parameter(torch.zeros(len(base.offsets), base.table.shape[1], device=base.table.device,
+                                               dtype=base.table.dtype))
+
+    def forward(self, meta: list[dict]) -> torch.Tensor:
+        return self.base(meta) + self.prompt
+
+    def merged(self) -> Conditioning:
+        """The conditioning with the offset of field f added to every row of f's block (unknown included)."""
+        ends = list(self.base.offsets[1:]) + [self.base.table.shape[0]]
+        with torch.no_grad():
+            for f, (start, end) in enumerate(zip(self.base.offsets, ends)):
+                self.base.table[start:end] += self.prompt[f]
+        return self.base
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -77,67 +145,92 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def add_adapters(model: nn.Module, rank: int, alpha: float, targets_regex: str = DEFAULT_TARGETS,
-                 dropout: float = 0.0) -> list[str]:
-    """Wrap every nn.Linear whose full module name matches `targets_regex` (re.fullmatch) in a
-    LoRALinear, in place; freeze all other parameters. Returns the wrapped module names."""
-    if lora_layers(model):
+                 dropout: float = 0.0, forms: tuple[str, ...] | list[str] = ("lora",)) -> list[str]:
+    """Add the adapter `forms` (see the module doc) in place: "lora" / "scale_shift" wrap every nn.Linear
+    whose full module name matches `targets_regex` (re.fullmatch) in a LoRALinear, "prompt" wraps
+    `model.conditioning`. Freezes all other parameters. Returns the wrapped module names."""
+    forms = tuple(forms)
+    unknown = sorted(set(forms) - set(FORMS))
+    if unknown or not forms:
+        raise ValueError(f"adapter forms {list(forms)}: expected a non-empty subset of {list(FORMS)}")
+    if has_adapters(model):
         raise ValueError("model already has LoRA adapters; merge_adapters() first or load into them")
-    names = [name for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and re.fullmatch(targets_regex, name)]
-    if not names:
-        raise ValueError(f"no nn.Linear module name matches targets_regex {targets_regex!r}")
-    for name in names:
-        _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, targets_regex))
+    names: list[str] = []
+    if "lora" in forms or "scale_shift" in forms:
+        names = [name for name, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and re.fullmatch(targets_regex, name)]
+        if not names:
+            raise ValueError(f"no nn.Linear module name matches targets_regex {targets_regex!r}")
+        for name in names:
+            _replace(model, name, LoRALinear(model.get_submodule(name), rank if "lora" in forms else 0, alpha,
+                                             dropout, targets_regex, scale_shift="scale_shift" in forms))
+    if "prompt" in forms:
+        if not isinstance(getattr(model, "conditioning", None), Conditioning):
+            raise ValueError("the prompt form needs a model whose .conditioning is a models.conditioning.Conditioning")
+        model.conditioning = PromptedConditioning(model.conditioning)
+        names.append("conditioning")
     for pname, p in model.named_parameters():
-        p.requires_grad_(".lora_A." in pname or ".lora_B." in pname)
+        p.requires_grad_(is_adapter_parameter(pname))
     return names
 
 
+def has_adapters(model: nn.Module) -> bool:
+    return bool(lora_layers(model)) or isinstance(getattr(model, "conditioning", None), PromptedConditioning)
+
+
+def adapter_forms(model: nn.Module) -> list[str]:
+    """The forms of the adapters in `model`, in FORMS order."""
+    layers = list(lora_layers(model).values())
+    present = {"lora": any(l.rank for l in layers), "scale_shift": any(l.ssf_scale is not None for l in layers),
+               "prompt": isinstance(getattr(model, "conditioning", None), PromptedConditioning)}
+    return [f for f in FORMS if present[f]]
+
+
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The LoRA A and B weights: the only parameters to give the optimizer."""
-    return [p for layer in lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    """The adapter tensors: the only parameters to give the optimizer."""
+    return [p for name, p in model.named_parameters() if is_adapter_parameter(name)]
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT-named adapter tensors, detached, contiguous, on the CPU:
-    `base_model.model.<path>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, layer in lora_layers(model).items():
-        out[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
-        out[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
-    return out
+    `base_model.model.<path>.lora_A.weight` (r, in), `...lora_B.weight` (out, r), `...ssf_scale` (out,),
+    `...ssf_shift` (out,), `base_model.model.conditioning.prompt` (6, D)."""
+    return {f"{_PREFIX}{name}": p.detach().cpu().contiguous()
+            for name, p in model.named_parameters() if is_adapter_parameter(name)}
 
 
 def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy PEFT-named adapter tensors into the model's existing LoRALinear layers (strict)."""
-    expected = set(adapter_state_dict_keys(model))
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    """Copy PEFT-named adapter tensors into the model's existing adapters (strict)."""
+    params = {f"{_PREFIX}{name}": p for name, p in model.named_parameters() if is_adapter_parameter(name)}
+    missing, unexpected = sorted(set(params) - set(state_dict)), sorted(set(state_dict) - set(params))
     if missing or unexpected:
         raise KeyError(f"adapter state dict does not fit the model: {len(missing)} missing (e.g. {missing[:2]}), "
                        f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
     with torch.no_grad():
-        for name, layer in lora_layers(model).items():
-            for part in ("lora_A", "lora_B"):
-                weight = getattr(layer, part).weight
-                value = state_dict[f"{_PREFIX}{name}.{part}.weight"]
-                if value.shape != weight.shape:
-                    raise ValueError(f"{name}.{part}: adapter shape {tuple(value.shape)} "
-                                     f"!= model {tuple(weight.shape)}")
-                weight.copy_(value.to(weight.dtype))
+        for key, weight in params.items():
+            value = state_dict[key]
+            if value.shape != weight.shape:
+                raise ValueError(f"{key.removeprefix(_PREFIX)}: adapter shape {tuple(value.shape)} "
+                                 f"!= model {tuple(weight.shape)}")
+            weight.copy_(value.to(weight.dtype))
 
 
 def adapter_state_dict_keys(model: nn.Module) -> list[str]:
     """The PEFT key names the model's adapters save under."""
-    return [f"{_PREFIX}{name}.{part}.weight" for name in lora_layers(model) for part in ("lora_A", "lora_B")]
+    return [f"{_PREFIX}{name}" for name, _ in model.named_parameters() if is_adapter_parameter(name)]
 
 
 def merge_adapters(model: nn.Module) -> list[str]:
-    """Fold every adapter into its base weight and put the plain nn.Linear back. Returns the names.
+    """Fold every adapter into its base weights and put the plain modules back. Returns the names.
     The base weights keep the requires_grad that add_adapters gave them (False)."""
     layers = lora_layers(model)
     for name, layer in layers.items():
         _replace(model, name, layer.merged())
-    return list(layers)
+    names = list(layers)
+    if isinstance(getattr(model, "conditioning", None), PromptedConditioning):
+        model.conditioning = model.conditioning.merged()
+        names.append("conditioning")
+    return names
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -152,12 +245,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: dict | 
     `config` adds cmrfm fields (contrast, pattern, base_model_sha256, ...) at the top level; it may
     not contradict the LoRA hyper-parameters, which are read from the model.
     """
-    layers = list(lora_layers(model).values())
-    if not layers:
+    if not has_adapters(model):
         raise ValueError("save_adapter: the model has no LoRA adapters")
-    first = layers[0]
-    lora = {"peft_type": "LORA", "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": first.dropout,
-            "target_modules": first.targets_regex, "bias": "none"}
+    layers = list(lora_layers(model).values())
+    shape = ({"r": layers[0].rank, "lora_alpha": layers[0].alpha, "lora_dropout": layers[0].dropout,
+              "target_modules": layers[0].targets_regex} if layers else  # prompt only: no linear layer wrapped
+             {"r": 0, "lora_alpha": 0.0, "lora_dropout": 0.0, "target_modules": ""})
+    lora = {"peft_type": "LORA", **shape, "bias": "none", "cmrfm_forms": adapter_forms(model)}
     for key, value in (config or {}).items():
         if key in lora and value != lora[key]:
             raise ValueError(f"save_adapter: config {key}={value!r} contradicts the model's adapters ({lora[key]!r})")
@@ -194,9 +288,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> dict:
         raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not 'LORA'")
     if not weights_path.exists():
         raise FileNotFoundError(f"{weights_path}: adapter weights not found")
-    if not lora_layers(model):
+    if not has_adapters(model):
         add_adapters(model, int(config["r"]), float(config["lora_alpha"]), _targets_regex(config["target_modules"]),
-                     float(config.get("lora_dropout", 0.0)))
+                     float(config.get("lora_dropout", 0.0)), config.get("cmrfm_forms", ["lora"]))
     try:
         load_adapter_state_dict(model, load_file(str(weights_path)))
     except (KeyError, ValueError) as exc:

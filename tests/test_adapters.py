@@ -126,3 +126,72 @@ def test_save_refuses_contradicting_config_and_load_names_missing_files(tmp_path
         load_adapter(_model(), tmp_path / "nowhere")
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         add_adapters(model, rank=2, alpha=4)
+
+
+# ---- the other forms: scale and shift (SSF), prompt offsets on the conditioning tokens, combinations ----
+
+COMBOS = [("scale_shift",), ("prompt",), ("lora", "scale_shift"), ("lora", "prompt"), ("lora", "scale_shift", "prompt")]
+
+
+def _perturb(model: nn.Module) -> None:
+    """Non-zero values in every adapter tensor (as after training), so merge and round trip are tested."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("forms", COMBOS, ids="+".join)
+def test_every_form_is_a_no_op_at_init_and_trains_only_itself(forms) -> None:
+    model = _model()
+    kspace, mask = _batch()
+    with torch.no_grad():
+        before = model(kspace, mask, META)["image"]
+        add_adapters(model, rank=4, alpha=8, forms=forms)
+        after = model(kspace, mask, META)["image"]
+    assert torch.equal(before, after)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected_kinds = {"lora": {"lora_A", "lora_B"}, "scale_shift": {"ssf_scale", "ssf_shift"}, "prompt": {"prompt"}}
+    kinds = {n.split(".")[-2] if n.endswith(".weight") else n.split(".")[-1] for n in trainable}
+    assert kinds == set().union(*(expected_kinds[f] for f in forms))
+    _train_adapters(model, steps=2)
+    with torch.no_grad():
+        assert not torch.equal(model(kspace, mask, META)["image"], before)
+
+
+@pytest.mark.parametrize("forms", COMBOS, ids="+".join)
+def test_every_form_merges_exactly_and_round_trips(forms, tmp_path) -> None:
+    model = _model()
+    add_adapters(model, rank=2, alpha=4, forms=forms)
+    _perturb(model)
+    out = save_adapter(model, tmp_path / "a", {"contrast": "cine", "pattern": "ktRadial"})
+    assert json.loads((out / "adapter_config.json").read_text())["cmrfm_forms"] == list(forms)
+    kspace, mask = _batch(4)
+    fresh = _model()
+    load_adapter(fresh, out)
+    with torch.no_grad():
+        unmerged = model(kspace, mask, META)["image"]
+        assert torch.equal(fresh(kspace, mask, META)["image"], unmerged)
+        names = merge_adapters(fresh)
+        merged = fresh(kspace, mask, META)["image"]
+    assert names and not any(isinstance(m, LoRALinear) for m in fresh.modules())
+    assert not [n for n, _ in fresh.named_parameters() if "ssf_" in n or "lora_" in n or "prompt" in n]
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5 * unmerged.abs().max().item())
+
+
+def test_scale_shift_merge_matches_the_formula_on_a_layer_without_bias() -> None:
+    base = nn.Linear(5, 3, bias=False)
+    layer = LoRALinear(base, 0, 1.0, scale_shift=True)
+    with torch.no_grad():
+        layer.ssf_scale.copy_(torch.tensor([0.5, -0.2, 0.0]))
+        layer.ssf_shift.copy_(torch.tensor([1.0, 0.0, -3.0]))
+    x = torch.randn(4, 5)
+    expected = (x @ base.weight.T) * torch.tensor([1.5, 0.8, 1.0]) + torch.tensor([1.0, 0.0, -3.0])
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+        torch.testing.assert_close(layer.merged()(x), expected)
+
+
+def test_unknown_form_is_refused() -> None:
+    with pytest.raises(ValueError, match="forms"):
+        add_adapters(_model(), rank=2, alpha=4, forms=("ia3",))

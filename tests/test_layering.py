@@ -6,7 +6,7 @@
     shards      -> launch.cli, launch.outputs, launch.trees, challenge    never models / pretrain / finetune / deepspeed / torch.distributed
     models      -> torch, timm, einops, numpy          never shards / pretrain / finetune / deepspeed / torch.distributed
     pretrain    -> shards, models, launch.cli          only pretrain/engine.py imports deepspeed
-    finetune    -> shards, models, challenge, pretrain.checkpoint, pretrain.dist_env, launch.cli    never deepspeed
+    finetune    -> shards, models, challenge, pretrain.checkpoint, pretrain.dist_env, pretrain.objective, launch.cli    never deepspeed
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def forbidden(package: str, file: Path, module: str) -> str | None:
             "challenge": {"shards.fft", "launch.trees"},
             "models": set(),
             "pretrain": {"shards", "models"} | _SHARED_MODULES,
-            "finetune": {"shards", "models", "challenge", "pretrain.checkpoint", "pretrain.dist_env"} | _SHARED_MODULES,
+            # pretrain.objective is pure torch (the SSDU split): test-time adaptation reuses it
+            "finetune": {"shards", "models", "challenge", "pretrain.checkpoint", "pretrain.dist_env",
+                         "pretrain.objective"} | _SHARED_MODULES,
         }[package]
         if not any(module == a or module.startswith(a + ".") for a in allowed):
             return f"{package}/ may import only {sorted(allowed) or 'no other project package'}"

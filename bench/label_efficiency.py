@@ -1,0 +1,339 @@
+"""The foundation-model claim at real difficulty: adapters vs full fine-tuning vs scratch, label
+efficiency, and test-time self-supervised adaptation to a held-out scanner, side by side in one run.
+
+    python bench/label_efficiency.py [--set threads=1 --set labelled=1,2,all --set seeds=0,1 ...]
+    python bench/label_efficiency.py --set tiny=true        # about a minute: the suite's end-to-end run
+
+Corpus, problems, training loops and scoring are bench/quality.py's (its `corpus`, `ProblemSampler`,
+`make_problem`, `train_for`, `train_supervised`, `train_ssl`, `cmrfm_image`): cine_sax of the real-size
+profile, one center/scanner (`held_out`) in no training data. Arms, on the same labels and budgets:
+
+    (a) adapter    the SSL-pretrained backbone (SSDU, no reference) + one adapter per pattern
+                   (models.adapters; forms from `forms`, e.g. "lora", "lora+prompt", "scale_shift")
+    (b) scratch    the same architecture from random init, every parameter, the same labels and budget
+    (c) full FT    the SSL-pretrained model, every parameter, the same labels and budget
+    (d) zero-filled, (e) CG-SENSE (ESPIRiT maps, lamda `sense_lamda`)
+    (f) pretrained the SSL backbone without fine-tuning
+    (g) test-time  (f) and the best (a) adapted on the held-out scanner's own undersampled k-space
+                   (finetune.adapt.adapt_model: SSDU, held-out-window guard), `adapt_steps` N each; also
+                   on those files cut to `unlike_coils` coils with k-space x `unlike_scale` (a scanner
+                   unlike any in training)
+
+Label efficiency: (a), (b), (c) for each number of labelled training files in `labelled` ("all" =
+every training file) and each seed in `seeds`; table + PNG. Budgets are wall-clock seconds per arm
+(bench/quality.py's `train_for`), so a slower arm gets fewer steps; the steps are reported.
+The adapters of (a) are written in the PEFT layout under <out>/adapters/<labelled>_s<seed>/cine_<pattern>/.
+Scores: clean PSNR/SSIM (reference as the reference) on the official crop of the held-out files at R
+`R` for each pattern (challenge.metrics.score_file).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from any directory
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from challenge.metrics import score_file
+from challenge.ranking import crop_selected, img4ranking_from_kspace, select_frames, select_slices
+from finetune.adapt import Window, adapt_model
+from finetune.settings import AdaptConfig
+from launch.cli import parse_args
+from models.adapters import adapter_parameters, add_adapters, merge_adapters, save_adapter
+from models.sizes import ModelConfig, build_model, parameter_count
+
+
+def _quality():
+    """bench/quality.py as a module (the lead's harness; not restructured here)."""
+    if "bench_quality" in sys.modules:
+        return sys.modules["bench_quality"]
+    spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).with_name("quality.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quality"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+Q = _quality()
+
+
+@dataclass
+class LabelEfficiencyConfig:
+    """Arms, budgets and the label grid of the foundation-model benchmark."""
+
+    out: str = "out/bench_label_efficiency"
+    corpus_dir: str = ""
+    """Corpus folder ("" = <out>/data); bench/quality.py's corpus of the same settings can be shared."""
+    seed: int = 0
+    tiny: bool = False
+    """Small matrices and seconds of training: the suite's end-to-end run."""
+    threads: int = 1
+    """torch threads (1 is fastest on the shared 2-core machine, bench/quality.py's note)."""
+    patterns: list[str] = field(default_factory=lambda: ["ktGaussian"])
+    """Patterns adapted and scored (one adapter per pattern)."""
+    R: int = 16
+    labelled: list[str] = field(default_factory=lambda: ["1", "2", "all"])
+    """Numbers of labelled training files (the first n, sorted; "all" = every one)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    forms: list[str] = field(default_factory=lambda: ["lora", "lora+prompt", "scale_shift+prompt"])
+    """Adapter forms of arm (a) ("+"-joined models.adapters.FORMS); the first is the label-efficiency one,
+    every one is run on the largest label set (the ablation table)."""
+    adapter_rank: int = 8
+    pretrain_seconds: float = 300.0
+    finetune_seconds: float = 60.0
+    """Per arm, pattern, label set and seed."""
+    lr: float = 1e-3
+    lr_adapter: float = 3e-3
+    sense_lamda: float = 1e-2
+    adapt_steps: list[int] = field(default_factory=lambda: [0, 10, 30])
+    adapt_lr: float = 1e-3
+    adapt_windows: int = 8
+    held_out: str = "Center012/Philips_30T_IngeniaCX"
+    unlike_coils: int = 4
+    unlike_scale: float = 1e4
+    """Test-time adaptation is also measured on the held-out files cut to `unlike_coils` coils and with
+    k-space multiplied by `unlike_scale`: a scanner whose coil count and k-space scale no training file has."""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        size="tiny", dim=96, depth=3, heads=4, patch=16, cascades=4, conv_channels=16, sens_channels=8))
+
+
+def quality_config(cfg: LabelEfficiencyConfig) -> "Q.QualityConfig":
+    qc = Q.QualityConfig(out=cfg.out, corpus_dir=cfg.corpus_dir, seed=cfg.seed, tiny=cfg.tiny, held_out=cfg.held_out,
+                         model=cfg.model, pretrain_seconds=cfg.pretrain_seconds, lr=cfg.lr)
+    if cfg.tiny:
+        qc = Q.tiny_overrides(qc)
+    return qc
+
+
+# ---- scoring --------------------------------------------------------------------------------------
+
+
+def eval_problems(cases: list, pattern: str, R: int, qc) -> list[tuple[list, np.ndarray]]:
+    """Per held-out file: (its scored slices' problems, the img4ranking reference)."""
+    out = []
+    for ci, case in enumerate(cases):
+        nt, nz = case.kspace.shape[:2]
+        frames = np.array(select_frames(nt, case.path.stem))
+        probs = [Q.make_problem(case.kspace[:, z], frames, pattern, R, qc.seed + ci, case.meta, qc)
+                 for z in select_slices(nz)]
+        out.append((probs, img4ranking_from_kspace(case.kspace, case.path.stem)))
+    return out
+
+
+def score(fn, files: list[tuple[list, np.ndarray]]) -> dict[str, float]:
+    """Mean clean PSNR / SSIM over the files, and seconds per slice."""
+    psnr, ssim, secs = [], [], []
+    for probs, reference in files:
+        images = []
+        for p in probs:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                img = np.asarray(fn(p), dtype=np.float32)
+            secs.append(time.perf_counter() - t0)
+            images.append(Q.canvas(img, p, p.mask.shape[-2]))
+        s = score_file(crop_selected(np.stack(images, axis=1)), reference, challenge_exact=False)
+        psnr.append(s.psnr)
+        ssim.append(s.ssim)
+    return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "s_per_slice": float(np.mean(secs))}
+
+
+# ---- arms -----------------------------------------------------------------------------------------
+
+
+def train_arm(base: torch.nn.Module | None, cases: list, pattern: str, seed: int, mode: str, qc,
+             cfg: LabelEfficiencyConfig, forms: tuple[str, ...] = ("lora",)) -> tuple[torch.nn.Module, dict]:
+    """mode "adapter" | "full" (from `base`) | "scratch" (random init): the trained model and its stats."""
+    torch.manual_seed(seed)
+    if mode == "scratch":
+        model = build_model(cfg.model)
+    else:
+        model = copy.deepcopy(base)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    params = None
+    if mode == "adapter":
+        add_adapters(model, cfg.adapter_rank, 2.0 * cfg.adapter_rank, forms=forms)
+        params = adapter_parameters(model)
+    sampler = Q.ProblemSampler(cases, qc, seed + 3, (pattern,))
+    stats = Q.train_supervised(model, Q.cmrfm_image, sampler, qc, cfg.finetune_seconds,
+                               cfg.lr_adapter if mode == "adapter" else cfg.lr, f"{mode} {pattern} s{seed}", params)
+    stats["trainable"] = sum(p.numel() for p in (params or model.parameters()))
+    return model.eval(), stats
+
+
+def test_time(model: torch.nn.Module, files: list[tuple[list, np.ndarray]], steps: int, cfg: LabelEfficiencyConfig
+              ) -> tuple[torch.nn.Module, dict]:
+    """Adapt `model` on the held-out files' undersampled windows only (Problem.kus / mask; `full` unread)."""
+    windows = [Window(torch.from_numpy(p.kus[None]), torch.from_numpy(p.mask[None]),
+                      {**p.meta, "__key__": f"{i}:{j}"})
+               for i, (probs, _) in enumerate(files) for j, p in enumerate(probs)][:cfg.adapt_windows]
+    a = AdaptConfig(steps=steps, lr=cfg.adapt_lr, windows=cfg.adapt_windows, eval_every=max(steps // 3, 1),
+                    seed=cfg.seed)
+    adapted, result = adapt_model(model, windows, a, torch.device("cpu"),
+                                  lambda m: print(f"[label_efficiency] adapt: {m}", file=sys.stderr))
+    merge_adapters(adapted)
+    return adapted.eval(), dataclasses.asdict(result)
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+
+def run(cfg: LabelEfficiencyConfig) -> dict:
+    if cfg.tiny:
+        cfg = dataclasses.replace(cfg, pretrain_seconds=min(cfg.pretrain_seconds, 3.0),
+                                  finetune_seconds=min(cfg.finetune_seconds, 1.0), adapt_steps=[0, 2],
+                                  model=dataclasses.replace(cfg.model, dim=32, depth=1, heads=2, cascades=2,
+                                                            conv_channels=4, patch=4))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    qc = quality_config(cfg)
+    t_all = time.perf_counter()
+    train_cases, eval_cases = Q.corpus(qc, out)
+    n_params = parameter_count(build_model(cfg.model, device="meta"))
+    torch.manual_seed(cfg.seed)
+    pretrained = build_model(cfg.model)
+    ssl = Q.train_ssl(pretrained, Q.ProblemSampler(train_cases, qc, cfg.seed + 2), qc)
+    results: dict = {"parameters": n_params, "pretrain": ssl, "patterns": {}}
+    for pattern in cfg.patterns:
+        files = eval_problems(eval_cases, pattern, cfg.R, qc)
+        res = results["patterns"][pattern] = {
+            "zero-filled": score(lambda p: Q.classical_image("zero_filled", p), files),
+            "CG-SENSE": score(lambda p: Q.classical_image("sense", p, cfg.sense_lamda), files),
+            "pretrained": score(lambda p: Q.cmrfm_image(pretrained, p), files),
+            "labels": [], "forms": [], "test_time": []}
+        best_adapter, best_psnr = None, -np.inf
+        for n in cfg.labelled:
+            subset = train_cases if n == "all" else train_cases[:int(n)]
+            for seed in cfg.seeds:
+                row = {"labelled": len(subset), "seed": seed}
+                for mode in ("adapter", "scratch", "full"):
+                    model, stats = train_arm(pretrained, subset, pattern, seed, mode, qc, cfg,
+                                            tuple(cfg.forms[0].split("+")))
+                    row[mode] = score(lambda p: Q.cmrfm_image(model, p), files) | {
+                        "steps": stats["steps"], "trainable": stats["trainable"]}
+                    if mode == "adapter":
+                        save_adapter(model, out / "adapters" / f"{n}_s{seed}" / f"cine_{pattern}",
+                                     {"contrast": "cine", "pattern": pattern, "labelled_files": len(subset)})
+                        if row[mode]["psnr"] > best_psnr:
+                            best_adapter, best_psnr = copy.deepcopy(model), row[mode]["psnr"]
+                res["labels"].append(row)
+                print(f"[label_efficiency] {pattern} {len(subset)} files seed {seed}: " + ", ".join(
+                    f"{m} {row[m]['psnr']:.2f}" for m in ("adapter", "scratch", "full")), file=sys.stderr)
+        for forms in cfg.forms:  # the ablation, on every labelled file, first seed
+            model, stats = train_arm(pretrained, train_cases, pattern, cfg.seeds[0], "adapter", qc, cfg,
+                                    tuple(forms.split("+")))
+            res["forms"].append({"forms": forms, **score(lambda p: Q.cmrfm_image(model, p), files),
+                                 "steps": stats["steps"], "trainable": stats["trainable"]})
+        merge_adapters(best_adapter)
+        unlike = [dataclasses.replace(c, kspace=c.kspace[:, :, :cfg.unlike_coils] * cfg.unlike_scale) for c in eval_cases]
+        unlike_name = f"held-out, {cfg.unlike_coils} coils, k-space x{cfg.unlike_scale:g}"
+        for set_name, fset in (("held-out", files), (unlike_name, eval_problems(unlike, pattern, cfg.R, qc))):
+            if set_name != "held-out":
+                res["unlike_baselines"] = {
+                    "zero-filled": score(lambda p: Q.classical_image("zero_filled", p), fset),
+                    "CG-SENSE": score(lambda p: Q.classical_image("sense", p, cfg.sense_lamda), fset)}
+            for start, base in (("pretrained", pretrained), ("best adapter", best_adapter)):
+                for steps in cfg.adapt_steps:
+                    t0 = time.perf_counter()
+                    model, info = test_time(base, fset, steps, cfg) if steps else (base, {"status": "none"})
+                    took = time.perf_counter() - t0
+                    res["test_time"].append({"set": set_name, "start": start, "steps": steps,
+                                             "adapt_s_per_file": took / len(fset), "status": info["status"],
+                                             **score(lambda p: Q.cmrfm_image(model, p), fset)})
+    results["minutes"] = (time.perf_counter() - t_all) / 60
+    results["config"] = dataclasses.asdict(cfg)
+    results["command"] = f"python bench/label_efficiency.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}".rstrip()
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    text = report(results, cfg, n_params)
+    (out / "label_efficiency.md").write_text(text + "\n")
+    print(text)
+    plot(results, out / "label_efficiency.png")
+    return results
+
+
+def report(results: dict, cfg: LabelEfficiencyConfig, n_params: int) -> str:
+    lines = [f"Held-out {cfg.held_out}, R {cfg.R}, clean PSNR / SSIM on the official crop; "
+             f"model {n_params:,} parameters; SSL pretraining {results['pretrain']['steps']} steps."]
+    for pattern, res in results["patterns"].items():
+        lines += ["", f"**{pattern}**: zero-filled {res['zero-filled']['psnr']:.2f} / {res['zero-filled']['ssim']:.4f}, "
+                  f"CG-SENSE {res['CG-SENSE']['psnr']:.2f} / {res['CG-SENSE']['ssim']:.4f}, "
+                  f"pretrained (f) {res['pretrained']['psnr']:.2f} / {res['pretrained']['ssim']:.4f}", "",
+                  "| labelled files | seed | (a) adapter | (b) scratch | (c) full FT | (a)-(b) dB | (a) share of (c)'s gain over (f) |",
+                  "|---|---|---|---|---|---|---|"]
+        f = res["pretrained"]["psnr"]
+        for r in res["labels"]:
+            a, b, c = r["adapter"], r["scratch"], r["full"]
+            share = (a["psnr"] - f) / (c["psnr"] - f) if c["psnr"] != f else float("nan")
+            lines.append(f"| {r['labelled']} | {r['seed']} | {a['psnr']:.2f} / {a['ssim']:.4f} ({a['steps']} steps) | "
+                         f"{b['psnr']:.2f} / {b['ssim']:.4f} ({b['steps']}) | {c['psnr']:.2f} / {c['ssim']:.4f} "
+                         f"({c['steps']}) | {a['psnr'] - b['psnr']:+.2f} | {100 * share:.0f}% |")
+        last = res["labels"][-1]
+        lines += ["", f"Trainable parameters: adapter {last['adapter']['trainable']:,} "
+                  f"({100 * last['adapter']['trainable'] / n_params:.2f}% of the full model's {n_params:,}).", "",
+                  "| adapter forms (all labels, seed " + str(cfg.seeds[0]) + ") | PSNR / SSIM | trainable | steps |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['forms']} | {r['psnr']:.2f} / {r['ssim']:.4f} | {r['trainable']:,} | {r['steps']} |"
+                  for r in res["forms"]]
+        u = res["unlike_baselines"]
+        lines += ["", f"Unlike-training set: zero-filled {u['zero-filled']['psnr']:.2f} / {u['zero-filled']['ssim']:.4f}, "
+                  f"CG-SENSE {u['CG-SENSE']['psnr']:.2f} / {u['CG-SENSE']['ssim']:.4f}", "",
+                  "| evaluated on | test-time adaptation from | N steps | PSNR / SSIM | adaptation s per file | guard |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['set']} | {r['start']} | {r['steps']} | {r['psnr']:.2f} / {r['ssim']:.4f} | "
+                  f"{r['adapt_s_per_file']:.1f} | {r['status']} |" for r in res["test_time"]]
+    lines += ["", f"Seeds {cfg.seeds}; total {results['minutes']:.1f} min; {torch.get_num_threads()} thread(s).",
+              f"Command: {results['command']}"]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    patterns = list(results["patterns"])
+    fig, axes = plt.subplots(2, len(patterns), figsize=(5 * len(patterns), 6), squeeze=False)
+    for j, pattern in enumerate(patterns):
+        res = results["patterns"][pattern]
+        for k, metric in enumerate(("psnr", "ssim")):
+            ax = axes[k, j]
+            for mode, label in (("adapter", "(a) SSL + adapter"), ("scratch", "(b) scratch"), ("full", "(c) full FT")):
+                by_n: dict[int, list[float]] = {}
+                for r in res["labels"]:
+                    by_n.setdefault(r["labelled"], []).append(r[mode][metric])
+                xs = sorted(by_n)
+                ax.errorbar(xs, [np.mean(by_n[x]) for x in xs], yerr=[np.std(by_n[x]) for x in xs], marker="o",
+                            label=label, capsize=3)
+            ax.axhline(res["pretrained"][metric], color="gray", ls="--", label="(f) pretrained")
+            ax.axhline(res["CG-SENSE"][metric], color="k", ls=":", label="(e) CG-SENSE")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("labelled training files")
+            ax.set_ylabel(metric.upper())
+            ax.set_title(f"{pattern}, held-out scanner")
+        axes[0, j].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(LabelEfficiencyConfig, argv, description="adapters, label efficiency, test-time adaptation"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

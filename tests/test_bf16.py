@@ -58,7 +58,7 @@ def _record_physics(monkeypatch) -> dict[str, set]:
     return seen
 
 
-@pytest.mark.parametrize("size", [pytest.param(s, marks=pytest.mark.slow) if s == "1b" else s for s in SIZES])
+@pytest.mark.parametrize("size", [pytest.param(s, marks=[pytest.mark.slow, pytest.mark.long]) if s == "1b" else s for s in SIZES])
 def test_bf16_forward_backward_keeps_physics_complex64_and_tracks_fp32(size: str, monkeypatch) -> None:
     torch.manual_seed(0)
     model = build_model(size)

@@ -50,7 +50,7 @@ from challenge.metrics import score_file
 from challenge.ranking import crop_selected, img4ranking_from_kspace, matlab_round_div, select_frames, select_slices
 from finetune.classical import espirit_maps, l1_wavelet, sense, zero_filled
 from finetune.settings import FinetuneLoss
-from finetune.train import supervised_loss
+from finetune.train import image_loss, supervised_loss
 from launch.cli import parse_args
 from models.adapters import add_adapters, adapter_parameters, merge_adapters
 from models.coils import rss
@@ -283,14 +283,6 @@ def build_varnet(cfg: QualityConfig, target_params: int) -> tuple[torch.nn.Modul
     return best
 
 
-def image_loss(pred: torch.Tensor, target: torch.Tensor, weights: FinetuneLoss) -> torch.Tensor:
-    """(1 - SSIM) + L1 of RSS images (T, Y, X): finetune.train's supervised loss, for VarNet's output."""
-    from models.losses import l1, ssim
-
-    data_range = target.amax(dim=(-2, -1)).clamp_min(1e-6)
-    return weights.ssim * (1 - ssim(pred, target, data_range).mean()) + weights.l1 * l1(pred, target)
-
-
 def train_for(seconds: float, params: list[torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor], lr: float,
               name: str) -> dict:
     """AdamW on `params` for a wall-clock budget, cosine-decayed over the time used; returns stats."""
@@ -323,7 +315,7 @@ def train_supervised(model: torch.nn.Module, image_fn: Callable, sampler: Proble
         problem = sampler()
         if image_fn is cmrfm_image:
             return supervised_loss(model, problem.batch(), weights)[0]
-        return image_loss(image_fn(model, problem), torch.from_numpy(problem.target_image()), weights)
+        return image_loss(image_fn(model, problem), torch.from_numpy(problem.target_image()), weights)[0]
 
     model.train()
     stats = train_for(seconds, params or [p for p in model.parameters() if p.requires_grad], loss_fn, lr, name)

@@ -186,8 +186,13 @@ def supervised_loss(model: torch.nn.Module, batch: dict, weights: Any) -> tuple[
     already normalised by the sample's kspace_scale, so L1 is on a common scale across vendors.
     """
     out = model(batch["kspace"], batch["mask"], batch["meta"])
-    pred, ref = rss_image(out["kspace"]), rss_image(batch["target"])  # (B, T, Y, X)
-    data_range = ref.amax(dim=(-2, -1)).clamp_min(1e-6)  # (B, T)
+    return image_loss(rss_image(out["kspace"]), rss_image(batch["target"]), weights)
+
+
+def image_loss(pred: torch.Tensor, ref: torch.Tensor, weights: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    """w_ssim (1 - SSIM) + w_l1 L1 of magnitude images (..., T, Y, X) against the reference's; SSIM's
+    data_range is each reference frame's max. Shared by supervised_loss and the benchmark's peer models."""
+    data_range = ref.amax(dim=(-2, -1)).clamp_min(1e-6)  # (..., T)
     s = ssim(pred, ref, data_range).mean()
     e = l1(pred, ref)
     loss = weights.ssim * (1.0 - s) + weights.l1 * e

@@ -43,7 +43,7 @@ from challenge.submission import parse_kus_path
 from finetune.reconstruct import ModelBank, file_meta, load_pair, window_frames
 from finetune.settings import AdaptConfig, ReconstructConfig
 from models.adapters import adapter_parameters, add_adapters, adapter_state_dict, load_adapter_state_dict, \
-    merge_adapters, save_adapter
+    merge_adapters, save_adapter, targets_for
 from models.recon import ReconModel
 from pretrain.objective import ssdu_step_loss
 from shards.normalise import kspace_scale
@@ -136,7 +136,8 @@ def adapt_model(base: ReconModel, windows: list[Window], cfg: AdaptConfig, devic
     """
     model = copy.deepcopy(base)
     torch.manual_seed(cfg.seed)
-    add_adapters(model, cfg.rank, cfg.alpha, cfg.targets, forms=cfg.forms)
+    add_adapters(model, cfg.rank, cfg.alpha, targets_for(cfg.targets, cfg.layers), forms=cfg.forms,
+                 cascades=cfg.cascades)
     n_held = max(1, round(cfg.holdout * len(windows))) if len(windows) > 1 else 0
     held, train = (windows[:n_held], windows[n_held:]) if n_held else (windows, windows)  # one window: its own guard
     result = AdaptResult(status="adapted", train_windows=len(train), heldout_windows=len(held))

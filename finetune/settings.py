@@ -91,7 +91,11 @@ class AdaptConfig:
     rank: int = 4
     alpha: float = 8.0
     targets: str = DEFAULT_TARGETS
-    """Regex of the nn.Linear layers that get the test-time LoRA."""
+    """Regex of the nn.Linear / nn.Conv2d layers that get the test-time LoRA."""
+    layers: list[str] = field(default_factory=list)
+    """Named layer groups instead of `targets` (models.adapters.LAYER_GROUPS); [] = use `targets`."""
+    cascades: list[int] = field(default_factory=list)
+    """Only these cascades' backbones (-1 = the last); [] = every cascade."""
     forms: list[str] = field(default_factory=lambda: ["lora"])
     """Adapter forms of the test-time adapter (models.adapters.FORMS)."""
     lr: float = 1e-3
@@ -153,8 +157,15 @@ class AdapterSpec:
     alpha: float = 16.0
     """LoRA alpha; the update is scaled by alpha / r."""
     dropout: float = 0.0
-    targets: str = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
-    """Regex (re.fullmatch on the module name) of the nn.Linear layers that get adapters."""
+    targets: str = DEFAULT_TARGETS
+    """Regex (re.fullmatch on the module name) of the nn.Linear / nn.Conv2d layers that get adapters."""
+    layers: list[str] = field(default_factory=list)
+    """Named layer groups instead of `targets` (models.adapters.LAYER_GROUPS): "attn" (qkv + proj), "mlp"
+    (fc1 + fc2), "qkv", "proj", "fc1", "fc2", "embed" (linear patch embedding and head), "conv" (the
+    convolutional stem and head); [] = use `targets`."""
+    cascades: list[int] = field(default_factory=list)
+    """Adapt only these cascades' backbones (0-based, -1 = the last); [] = every cascade. What was adapted
+    is saved by name in adapter_config.json's target_modules, so the folder reloads exactly."""
     forms: list[str] = field(default_factory=lambda: ["lora"])
     """Adapter forms (models.adapters): "lora", "scale_shift" (per-channel, on the same layers), "prompt"
     (learned offsets of the metadata conditioning tokens), any combination."""

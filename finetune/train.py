@@ -42,7 +42,7 @@ from tqdm import tqdm
 from finetune.resume import latest_tag, load_state, save_state, state_owner
 from finetune.settings import FinetuneConfig
 from launch.cli import dump_config, parse_args
-from models.adapters import adapter_parameters, add_adapters, save_adapter
+from models.adapters import adapter_parameters, add_adapters, save_adapter, targets_for
 from models.coils import rss
 from models.fft import ifft2c
 from models.losses import l1, ssim
@@ -75,7 +75,7 @@ def run_dir(cfg: FinetuneConfig) -> Path:
 def build_trainable(cfg: FinetuneConfig, device: torch.device) -> ReconModel:
     """The model with exactly the parameters this run trains left requires_grad=True.
 
-    adapter (default): pretrained backbone frozen + LoRA on `adapter.targets`;
+    adapter (default): pretrained backbone frozen + LoRA on `adapter.targets` (or `.layers`) in `.cascades`;
     full_finetune: pretrained backbone, everything trainable; from_scratch: random init (seeded),
     architecture from the backbone's model_config.json when there is one, else from [model].
     """
@@ -97,8 +97,8 @@ def build_trainable(cfg: FinetuneConfig, device: torch.device) -> ReconModel:
             p.requires_grad_(True)
         return model
     torch.manual_seed(cfg.run.seed)  # same LoRA A init on every rank (DDP also broadcasts rank 0's)
-    add_adapters(model, cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.targets, cfg.adapter.dropout,
-                 cfg.adapter.forms)
+    a = cfg.adapter
+    add_adapters(model, a.rank, a.alpha, targets_for(a.targets, a.layers), a.dropout, a.forms, a.cascades)
     return model
 
 

@@ -13,13 +13,21 @@ All three fold into the base weights (`merge_adapters`): B A into W, (1 + gamma)
 the prompt offset of field f into every row of f's block of the conditioning table. So inference
 runs at backbone speed whatever the form.
 
-`add_adapters` wraps each targeted `nn.Linear` (by default the attention qkv/proj and MLP fc1/fc2 of
-every timm block, never the patch embedding or head) in a `LoRALinear` in place (rank 0 = scale and
-shift only) and freezes every other parameter.
+`add_adapters` wraps each targeted `nn.Linear` or `nn.Conv2d` (by default the attention qkv/proj and
+MLP fc1/fc2 of every timm block, never the patch embedding or head) in a `LoRALinear` in place (rank 0
+= scale and shift only) and freezes every other parameter.
+
+Targets (the rank and target ablation of BENCHMARKS.md): a regex on the full module name, or named
+layer groups (`layer_regex`: "attn" = qkv + proj, "mlp" = fc1 + fc2, "embed" = the linear patch
+embedding and head, "conv" = the convolutional stem and head), optionally restricted to some cascades
+(`cascades=[-1]`: the last cascade's backbone only). A Conv2d gets PEFT's convolutional LoRA: A is a
+conv of the layer's kernel (in -> r), B a 1 x 1 conv (r -> out), so r (in k_h k_w + out) parameters
+against r (in + out) for a linear layer.
 
 Files (what `peft.PeftModel.from_pretrained` reads for the LoRA part):
-    <dir>/adapter_config.json        peft_type "LORA", r, lora_alpha, target_modules (a regex that
-                                     must match a module's full name, as PEFT does for a string),
+    <dir>/adapter_config.json        peft_type "LORA", r, lora_alpha, target_modules (the list of the
+                                     adapted modules' full names, in model order: exactly what was
+                                     adapted, whatever selected it; older folders hold a regex),
                                      lora_dropout, bias "none", + cmrfm fields (contrast, pattern,
                                      cmrfm_forms, ...)
     <dir>/adapter_model.safetensors  base_model.model.<module path>.lora_A.weight / .lora_B.weight,
@@ -50,10 +58,67 @@ from models.conditioning import Conditioning
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 DEFAULT_TARGETS = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+#: named layer groups of a backbone (models.backbone): module paths below `cascades.<i>.backbone.`
+LAYER_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": (r"blocks\.\d+\.attn\.qkv",), "proj": (r"blocks\.\d+\.attn\.proj",),
+    "fc1": (r"blocks\.\d+\.mlp\.fc1",), "fc2": (r"blocks\.\d+\.mlp\.fc2",),
+    "attn": (r"blocks\.\d+\.attn\.qkv", r"blocks\.\d+\.attn\.proj"),
+    "mlp": (r"blocks\.\d+\.mlp\.fc1", r"blocks\.\d+\.mlp\.fc2"),
+    "embed": (r"patch_embed", r"head"),             # the linear patch embedding and head
+    "conv": (r"stem\.\d+", r"conv_head\.\d+"),      # the convolutional stem and head (conv_channels > 0)
+}
 _PREFIX = "base_model.model."
 FORMS = ("lora", "scale_shift", "prompt")
 #: parameter-name endings of adapter tensors (everything else is the frozen base)
 _ADAPTER_PARAMS = (".lora_A.weight", ".lora_B.weight", ".ssf_scale", ".ssf_shift", "conditioning.prompt")
+
+
+def layer_regex(layers: list[str] | tuple[str, ...]) -> str:
+    """Named layer groups (LAYER_GROUPS keys, e.g. ["attn", "mlp"]) -> a targets regex on full module names.
+    ["attn", "mlp"] adapts exactly what DEFAULT_TARGETS does."""
+    unknown = sorted(set(layers) - set(LAYER_GROUPS))
+    if unknown or not layers:
+        raise ValueError(f"adapter layers {list(layers)}: expected a non-empty subset of {sorted(LAYER_GROUPS)}")
+    parts = list(dict.fromkeys(p for layer in layers for p in LAYER_GROUPS[layer]))  # ordered, no repeats
+    return r".*backbone\.(" + "|".join(parts) + ")"
+
+
+def targets_for(targets: str, layers: list[str] | tuple[str, ...]) -> str:
+    """The targets regex of a config: `layer_regex(layers)` when layer groups are named, else `targets`."""
+    return layer_regex(layers) if layers else targets
+
+
+def resolve_cascades(model: nn.Module, cascades: list[int] | tuple[int, ...]) -> list[int]:
+    """Cascade indices (negative from the end, -1 = the last) -> sorted non-negative indices of `model.cascades`.
+    With shared weights there is one cascade module: every index names it."""
+    stack = getattr(model, "cascades", None)
+    if not isinstance(stack, nn.ModuleList):
+        raise ValueError("adapter cascades: the model has no .cascades (a models.recon.ReconModel has)")
+    n = len(stack)
+    bad = [c for c in cascades if not -n <= c < n]
+    if bad:
+        raise ValueError(f"adapter cascades {list(cascades)}: {bad} out of range for a model with {n} cascade module(s)")
+    return sorted({c % n for c in cascades})
+
+
+def select_targets(model: nn.Module, targets_regex: str = DEFAULT_TARGETS,
+                   cascades: list[int] | tuple[int, ...] | None = None) -> list[str]:
+    """Full names of the nn.Linear / nn.Conv2d modules that `targets_regex` matches (re.fullmatch), in model
+    order, restricted to the backbones of `cascades` when given (None or [] = every cascade)."""
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d)) and re.fullmatch(targets_regex, name)]
+    if cascades:
+        prefixes = tuple(f"cascades.{i}." for i in resolve_cascades(model, cascades))
+        names = [n for n in names if n.startswith(prefixes)]
+    return names
+
+
+def lora_parameter_count(layer: nn.Linear | nn.Conv2d, rank: int) -> int:
+    """LoRA parameters of one adapted layer: r (in + out) for a linear, r (in k_h k_w + out) for a conv."""
+    if isinstance(layer, nn.Conv2d):
+        kh, kw = layer.kernel_size
+        return rank * (layer.in_channels * kh * kw + layer.out_channels)
+    return rank * (layer.in_features + layer.out_features)
 
 
 def is_adapter_parameter(name: str) -> bool:
@@ -62,49 +127,75 @@ def is_adapter_parameter(name: str) -> bool:
 
 
 class LoRALinear(nn.Module):
-    """`base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`, then optionally `* (1 + ssf_scale) + ssf_shift`,
-    with the base layer frozen.
+    """`base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`, then optionally `* (1 + ssf_scale) + ssf_shift`
+    per output channel, with the base layer frozen. The base layer is an nn.Linear or an nn.Conv2d.
 
-    Attribute names follow PEFT (`base_layer`, `lora_A`, `lora_B`, `lora_dropout`, `scaling`). rank 0
-    means no low-rank update (lora_A = lora_B = None): scale and shift only.
+    Attribute names follow PEFT (`base_layer`, `lora_A`, `lora_B`, `lora_dropout`, `scaling`); for a
+    Conv2d, as PEFT's `lora.Conv2d`: lora_A a conv of the base's kernel, stride, padding and dilation
+    (in -> r), lora_B a 1 x 1 conv (r -> out). rank 0 means no low-rank update (lora_A = lora_B = None):
+    scale and shift only.
     """
 
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, base_layer: nn.Linear | nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0,
                  targets_regex: str = DEFAULT_TARGETS, scale_shift: bool = False) -> None:
         super().__init__()
         if rank < 0 or (rank == 0 and not scale_shift):
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         dd = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         self.base_layer = base_layer
-        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, **dd) if rank else None
-        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, **dd) if rank else None
+        self.is_conv = isinstance(base_layer, nn.Conv2d)
+        if self.is_conv and base_layer.groups != 1:
+            raise ValueError(f"LoRA on a grouped Conv2d (groups={base_layer.groups}) is not supported")
+        n_out = base_layer.out_channels if self.is_conv else base_layer.out_features
+        self.lora_A = self.lora_B = None
+        if rank and self.is_conv:
+            self.lora_A = nn.Conv2d(base_layer.in_channels, rank, base_layer.kernel_size, base_layer.stride,
+                                    base_layer.padding, base_layer.dilation, bias=False,
+                                    padding_mode=base_layer.padding_mode, **dd)
+            self.lora_B = nn.Conv2d(rank, n_out, 1, bias=False, **dd)
+        elif rank:
+            self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, **dd)
+            self.lora_B = nn.Linear(rank, n_out, bias=False, **dd)
         if rank:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
             nn.init.zeros_(self.lora_B.weight)  # the adapter starts as a no-op
-        self.ssf_scale = nn.Parameter(torch.zeros(base_layer.out_features, **dd)) if scale_shift else None
-        self.ssf_shift = nn.Parameter(torch.zeros(base_layer.out_features, **dd)) if scale_shift else None
+        self.ssf_scale = nn.Parameter(torch.zeros(n_out, **dd)) if scale_shift else None
+        self.ssf_shift = nn.Parameter(torch.zeros(n_out, **dd)) if scale_shift else None
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank, self.alpha, self.dropout, self.targets_regex = rank, alpha, dropout, targets_regex
         self.scaling = alpha / rank if rank else 0.0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (as PEFT's tuner layers expose it): code that reads `layer.weight.dtype`,
+        like the backbone's patch embedding, works on a wrapped layer."""
+        return self.base_layer.weight
+
+    def _channels(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-output-channel vector shaped to broadcast over the output: (out,) for a linear's
+        (..., out), (out, 1, 1) for a conv's (N, out, H, W)."""
+        return v[:, None, None] if self.is_conv else v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.lora_A is not None:
             y = y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
         if self.ssf_scale is not None:
-            y = y * (1 + self.ssf_scale) + self.ssf_shift
+            y = y * (1 + self._channels(self.ssf_scale)) + self._channels(self.ssf_shift)
         return y
 
-    def merged(self) -> nn.Linear:
+    def merged(self) -> nn.Linear | nn.Conv2d:
         """The base layer with B A * scaling, then the scale and shift, folded in (computed in float32)."""
         base = self.base_layer
         with torch.no_grad():
             weight = base.weight.float()
             if self.lora_A is not None:
-                weight = weight + (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+                # conv: (out, r) @ (r, in * kh * kw) is the update of the (out, in, kh, kw) kernel
+                delta = self.lora_B.weight.float().flatten(1) @ self.lora_A.weight.float().flatten(1)
+                weight = weight + delta.reshape(weight.shape) * self.scaling
             if self.ssf_scale is not None:
                 gain = 1 + self.ssf_scale.float()
-                weight = weight * gain[:, None]
+                weight = weight * gain.reshape(-1, *[1] * (weight.ndim - 1))
                 bias = (base.bias.float() if base.bias is not None else 0.0) * gain + self.ssf_shift.float()
                 if base.bias is None:
                     base.bias = nn.Parameter(torch.empty_like(self.ssf_shift), requires_grad=False)
@@ -145,10 +236,12 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def add_adapters(model: nn.Module, rank: int, alpha: float, targets_regex: str = DEFAULT_TARGETS,
-                 dropout: float = 0.0, forms: tuple[str, ...] | list[str] = ("lora",)) -> list[str]:
+                 dropout: float = 0.0, forms: tuple[str, ...] | list[str] = ("lora",),
+                 cascades: list[int] | tuple[int, ...] | None = None) -> list[str]:
     """Add the adapter `forms` (see the module doc) in place: "lora" / "scale_shift" wrap every nn.Linear
-    whose full module name matches `targets_regex` (re.fullmatch) in a LoRALinear, "prompt" wraps
-    `model.conditioning`. Freezes all other parameters. Returns the wrapped module names."""
+    and nn.Conv2d whose full module name matches `targets_regex` (re.fullmatch), in the backbones of
+    `cascades` only when given (`select_targets`), in a LoRALinear; "prompt" wraps `model.conditioning`.
+    Freezes all other parameters. Returns the wrapped module names."""
     forms = tuple(forms)
     unknown = sorted(set(forms) - set(FORMS))
     if unknown or not forms:
@@ -157,10 +250,10 @@ def add_adapters(model: nn.Module, rank: int, alpha: float, targets_regex: str =
         raise ValueError("model already has LoRA adapters; merge_adapters() first or load into them")
     names: list[str] = []
     if "lora" in forms or "scale_shift" in forms:
-        names = [name for name, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and re.fullmatch(targets_regex, name)]
+        names = select_targets(model, targets_regex, cascades)
         if not names:
-            raise ValueError(f"no nn.Linear module name matches targets_regex {targets_regex!r}")
+            raise ValueError(f"no nn.Linear / nn.Conv2d module name matches targets_regex {targets_regex!r}"
+                             + (f" in cascades {list(cascades)}" if cascades else ""))
         for name in names:
             _replace(model, name, LoRALinear(model.get_submodule(name), rank if "lora" in forms else 0, alpha,
                                              dropout, targets_regex, scale_shift="scale_shift" in forms))
@@ -247,9 +340,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: dict | 
     """
     if not has_adapters(model):
         raise ValueError("save_adapter: the model has no LoRA adapters")
-    layers = list(lora_layers(model).values())
+    wrapped = lora_layers(model)
+    layers = list(wrapped.values())
+    # target_modules: the adapted modules by full name (PEFT matches a list entry against a module's
+    # name or a "."-suffix of it), so a reload adapts exactly these, whatever regex or cascade
+    # selection chose them and whatever the architecture it is loaded into
     shape = ({"r": layers[0].rank, "lora_alpha": layers[0].alpha, "lora_dropout": layers[0].dropout,
-              "target_modules": layers[0].targets_regex} if layers else  # prompt only: no linear layer wrapped
+              "target_modules": list(wrapped)} if layers else  # prompt only: no layer wrapped
              {"r": 0, "lora_alpha": 0.0, "lora_dropout": 0.0, "target_modules": ""})
     lora = {"peft_type": "LORA", **shape, "bias": "none", "cmrfm_forms": adapter_forms(model)}
     for key, value in (config or {}).items():

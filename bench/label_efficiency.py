@@ -16,12 +16,23 @@ profile, one center/scanner (`held_out`) in no training data. Arms, on the same 
     (f) pretrained the SSL backbone without fine-tuning
     (g) test-time  (f) and the best (a) adapted on the held-out scanner's own undersampled k-space
                    (finetune.adapt.adapt_model: SSDU, held-out-window guard), `adapt_steps` N each; also
-                   on those files cut to `unlike_coils` coils with k-space x `unlike_scale` (a scanner
-                   unlike any in training)
+                   on those files cut to `unlike_coils` coils with k-space x `unlike_scale`, and on a
+                   second held-out vendor (`unlike_scanner`, its own small corpus) whose matrix size
+                   (`unlike_sizes`) and coil count (`unlike_matrix_coils`) no training file has
+
+Adapter ablation (`forms`, every entry on every labelled file, first seed): each entry is a variant
+"<forms>[:r<rank>][:<layer groups>][:last | :c<i>+<j>]", e.g. "lora:r4", "lora:attn", "lora:last",
+"lora+prompt", "scale_shift+prompt" (forms of models.adapters.FORMS joined by "+"; rank default
+`adapter_rank`, alpha 2 r; layer groups of models.adapters.LAYER_GROUPS, default "attn+mlp";
+cascades default all, "last" = the last cascade's backbone). Each row reports its trainable
+parameters and their share of the model; each variant's adapter is saved in the PEFT layout and
+reloaded into a fresh copy of the backbone, whose output must equal the trained model's exactly.
 
 Label efficiency: (a), (b), (c) for each number of labelled training files in `labelled` ("all" =
 every training file) and each seed in `seeds`; table + PNG. Budgets are wall-clock seconds per arm
-(bench/quality.py's `train_for`), so a slower arm gets fewer steps; the steps are reported.
+(bench/quality.py's `train_for`), so a slower arm gets fewer steps; the steps are reported. With
+`finetune_steps` / `pretrain_steps` > 0 every arm gets exactly that many steps instead (step-matched,
+independent of the machine's load).
 The adapters of (a) are written in the PEFT layout under <out>/adapters/<labelled>_s<seed>/cine_<pattern>/.
 Scores: clean PSNR/SSIM (reference as the reference) on the official crop of the held-out files at R
 `R` for each pattern (challenge.metrics.score_file).
@@ -33,6 +44,7 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import re
 import shlex
 import sys
 import time
@@ -50,8 +62,11 @@ from challenge.ranking import crop_selected, img4ranking_from_kspace, select_fra
 from finetune.adapt import Window, adapt_model
 from finetune.settings import AdaptConfig
 from launch.cli import parse_args
-from models.adapters import adapter_parameters, add_adapters, merge_adapters, save_adapter
+from launch.outputs import write_atomic
+from models.adapters import (FORMS, adapter_parameters, add_adapters, layer_regex, load_adapter, merge_adapters,
+                             save_adapter)
 from models.sizes import ModelConfig, build_model, parameter_count
+from shards.synthetic import SyntheticConfig, write_corpus
 
 
 def _quality():
@@ -86,13 +101,17 @@ class LabelEfficiencyConfig:
     labelled: list[str] = field(default_factory=lambda: ["1", "2", "all"])
     """Numbers of labelled training files (the first n, sorted; "all" = every one)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    forms: list[str] = field(default_factory=lambda: ["lora", "lora+prompt", "scale_shift+prompt"])
-    """Adapter forms of arm (a) ("+"-joined models.adapters.FORMS); the first is the label-efficiency one,
-    every one is run on the largest label set (the ablation table)."""
+    forms: list[str] = field(default_factory=lambda: list(ABLATION))
+    """Adapter variants of arm (a) (`parse_variant`: forms, rank, layer groups, cascades); the first is the
+    label-efficiency one, every one is run on every labelled file, first seed (the ablation table)."""
     adapter_rank: int = 8
+    """LoRA rank of a variant that names none (alpha = 2 r for every rank)."""
     pretrain_seconds: float = 300.0
     finetune_seconds: float = 60.0
     """Per arm, pattern, label set and seed."""
+    pretrain_steps: int = 0
+    finetune_steps: int = 0
+    """> 0: exactly this many steps (SSL pretraining; each fine-tuning arm) instead of the seconds above."""
     lr: float = 1e-3
     lr_adapter: float = 3e-3
     sense_lamda: float = 1e-2
@@ -104,8 +123,71 @@ class LabelEfficiencyConfig:
     unlike_scale: float = 1e4
     """Test-time adaptation is also measured on the held-out files cut to `unlike_coils` coils and with
     k-space multiplied by `unlike_scale`: a scanner whose coil count and k-space scale no training file has."""
+    unlike_scanner: str = "Center014/GE_15T_SIGNAArtist"
+    """A second held-out scanner (a vendor absent from training) written as its own corpus, with ..."""
+    unlike_sizes: list[int] = field(default_factory=lambda: [72, 96, 500, 540])
+    """... [ny_min, ny_max, nx_min, nx_max] outside the training matrices (real profile: ny 112-328,
+    nx 288-456; tiny: the tiny sizes' own unlike range is used) ..."""
+    unlike_matrix_coils: int = 16
+    """... and this many coils (training: 10)."""
+    unlike_patients: int = 2
+    unlike_dir: str = ""
+    """Its corpus folder ("" = <out>/data_unlike; reused when the same config wrote it)."""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         size="tiny", dim=96, depth=3, heads=4, patch=16, cascades=4, conv_channels=16, sens_channels=8))
+
+
+#: the default ablation: rank 1/4/8/16 on attn+mlp; attn / mlp / last cascade / + conv stem and head at
+#: rank 8; LoRA with scale-shift and prompt; scale-shift + prompt alone
+ABLATION = ("lora", "lora:r1", "lora:r4", "lora:r16", "lora:attn", "lora:mlp", "lora:last", "lora:attn+mlp+conv",
+            "lora+scale_shift", "lora+prompt", "lora+scale_shift+prompt", "scale_shift+prompt",
+            "lora+prompt:r4:last")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One adapter of the ablation: forms, LoRA rank, layer groups and cascades (() = all)."""
+
+    spec: str
+    forms: tuple[str, ...]
+    rank: int
+    layers: tuple[str, ...]
+    cascades: tuple[int, ...]
+
+    @property
+    def targets(self) -> str:
+        return layer_regex(self.layers)
+
+    def describe(self) -> tuple[str, str, str]:
+        """(rank, layers, cascades) as the table shows them ("-" where the forms do not use them)."""
+        lora, linear = "lora" in self.forms, bool({"lora", "scale_shift"} & set(self.forms))
+        casc = "all" if not self.cascades else "last" if self.cascades == (-1,) else ",".join(map(str, self.cascades))
+        return (str(self.rank) if lora else "-", "+".join(self.layers) if linear else "-", casc if linear else "-")
+
+
+def parse_variant(spec: str, default_rank: int) -> Variant:
+    """"<forms>[:r<rank>][:<layer groups>][:last | :c<i>+<j>]" -> Variant (errors name the spec)."""
+    forms_s, *options = spec.split(":")
+    forms = tuple(forms_s.split("+"))
+    rank, layers, cascades = default_rank, ("attn", "mlp"), ()
+    for opt in options:
+        if re.fullmatch(r"r\d+", opt):
+            rank = int(opt[1:])
+        elif opt == "last":
+            cascades = (-1,)
+        elif re.fullmatch(r"c-?\d+(\+-?\d+)*", opt):
+            cascades = tuple(int(c) for c in opt[1:].split("+"))
+        else:
+            layers = tuple(opt.split("+"))
+    bad = sorted(set(forms) - set(FORMS))
+    if bad or rank < 1:
+        raise SystemExit(f"bench/label_efficiency.py: adapter variant {spec!r}: forms must be among {FORMS} "
+                         f"joined by '+', rank >= 1 (got forms {list(forms)}, rank {rank})")
+    try:
+        layer_regex(layers)
+    except ValueError as exc:
+        raise SystemExit(f"bench/label_efficiency.py: adapter variant {spec!r}: {exc}") from None
+    return Variant(spec, forms, rank, layers, cascades)
 
 
 def quality_config(cfg: LabelEfficiencyConfig) -> "Q.QualityConfig":
@@ -152,8 +234,9 @@ def score(fn, files: list[tuple[list, np.ndarray]]) -> dict[str, float]:
 
 
 def train_arm(base: torch.nn.Module | None, cases: list, pattern: str, seed: int, mode: str, qc,
-             cfg: LabelEfficiencyConfig, forms: tuple[str, ...] = ("lora",)) -> tuple[torch.nn.Module, dict]:
-    """mode "adapter" | "full" (from `base`) | "scratch" (random init): the trained model and its stats."""
+              cfg: LabelEfficiencyConfig, variant: Variant | None = None) -> tuple[torch.nn.Module, dict]:
+    """mode "adapter" (`variant` on `base`) | "full" (from `base`) | "scratch" (random init): the trained
+    model and its stats."""
     torch.manual_seed(seed)
     if mode == "scratch":
         model = build_model(cfg.model)
@@ -163,13 +246,54 @@ def train_arm(base: torch.nn.Module | None, cases: list, pattern: str, seed: int
             p.requires_grad_(True)
     params = None
     if mode == "adapter":
-        add_adapters(model, cfg.adapter_rank, 2.0 * cfg.adapter_rank, forms=forms)
+        v = variant or parse_variant("lora", cfg.adapter_rank)
+        add_adapters(model, v.rank, 2.0 * v.rank, v.targets, forms=v.forms, cascades=v.cascades)
         params = adapter_parameters(model)
     sampler = Q.ProblemSampler(cases, qc, seed + 3, (pattern,))
     stats = Q.train_supervised(model, Q.cmrfm_image, sampler, qc, cfg.finetune_seconds,
-                               cfg.lr_adapter if mode == "adapter" else cfg.lr, f"{mode} {pattern} s{seed}", params)
+                               cfg.lr_adapter if mode == "adapter" else cfg.lr, f"{mode} {pattern} s{seed}", params,
+                               cfg.finetune_steps)
     stats["trainable"] = sum(p.numel() for p in (params or model.parameters()))
     return model.eval(), stats
+
+
+def reloads_exactly(model: torch.nn.Module, base: torch.nn.Module, folder: Path, problem) -> bool:
+    """Whether the adapter saved in `folder`, loaded into a fresh copy of `base`, gives `model`'s output
+    bit for bit on `problem` (target_modules names what was adapted; load_adapter is strict)."""
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, folder)
+    with torch.inference_mode():
+        return bool(np.array_equal(Q.cmrfm_image(fresh.eval(), problem), Q.cmrfm_image(model, problem)))
+
+
+def unlike_matrix_cases(cfg: LabelEfficiencyConfig, qc, out: Path) -> list:
+    """The second held-out scanner: its own corpus (`unlike_scanner`, matrices `unlike_sizes`,
+    `unlike_matrix_coils` coils), cine_sax only, fully sampled cases as bench/quality.py loads them."""
+    data = Path(cfg.unlike_dir) if cfg.unlike_dir else out / "data_unlike"
+    syn = SyntheticConfig(out=str(data), profile="real", seed=cfg.seed, workers=1, train_scanners=[],
+                          val_scanners=[cfg.unlike_scanner], patients_per_scanner=0,
+                          val_patients_per_scanner=cfg.unlike_patients, files_per_patient=1, val_files_per_patient=1,
+                          nz_max=qc.nz_max, patients_2024=0, fastmri_files=0, coils=cfg.unlike_matrix_coils,
+                          real_sizes=list(cfg.unlike_sizes))
+    if cfg.tiny:  # training is ny 40-48 x nx 72-84 x 4 coils there (bench/quality.py corpus)
+        syn = dataclasses.replace(syn, profile="", real_sizes=[], ny_min=30, ny_max=34, nx_min=96, nx_max=104, coils=6)
+    write_corpus(syn)
+    files = sorted(data.glob("ChallengeData_ValSet/**/FullSample_TaskR1/**/cine_sax.mat"))
+    if not files:
+        raise SystemExit(f"{data}: no cine_sax file of {cfg.unlike_scanner}")
+    return Q.load_cases(files)
+
+
+def matrix_summary(cases: list) -> dict:
+    """ny, nx and coil ranges of fully sampled cases (nt, nz, C, Y, X)."""
+    shapes = np.array([c.kspace.shape[2:] for c in cases])
+    return {"coils": sorted({int(c) for c in shapes[:, 0]}), "ny": [int(shapes[:, 1].min()), int(shapes[:, 1].max())],
+            "nx": [int(shapes[:, 2].min()), int(shapes[:, 2].max())], "files": len(cases)}
+
+
+def effective_acceleration(files: list[tuple[list, np.ndarray]]) -> float:
+    """Mean samples / acquired over the scored problems' masks (ACS included)."""
+    return float(np.mean([1.0 / p.mask.mean() for probs, _ in files for p in probs]))
 
 
 def test_time(model: torch.nn.Module, files: list[tuple[list, np.ndarray]], steps: int, cfg: LabelEfficiencyConfig
@@ -193,8 +317,10 @@ def run(cfg: LabelEfficiencyConfig) -> dict:
     if cfg.tiny:
         cfg = dataclasses.replace(cfg, pretrain_seconds=min(cfg.pretrain_seconds, 3.0),
                                   finetune_seconds=min(cfg.finetune_seconds, 1.0), adapt_steps=[0, 2],
+                                  pretrain_steps=min(cfg.pretrain_steps, 3), finetune_steps=min(cfg.finetune_steps, 2),
                                   model=dataclasses.replace(cfg.model, dim=32, depth=1, heads=2, cascades=2,
                                                             conv_channels=4, patch=4))
+    variants = [parse_variant(v, cfg.adapter_rank) for v in cfg.forms]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -202,26 +328,29 @@ def run(cfg: LabelEfficiencyConfig) -> dict:
     qc = quality_config(cfg)
     t_all = time.perf_counter()
     train_cases, eval_cases = Q.corpus(qc, out)
+    matrix_cases = unlike_matrix_cases(cfg, qc, out)
     n_params = parameter_count(build_model(cfg.model, device="meta"))
     torch.manual_seed(cfg.seed)
     pretrained = build_model(cfg.model)
-    ssl = Q.train_ssl(pretrained, Q.ProblemSampler(train_cases, qc, cfg.seed + 2), qc)
-    results: dict = {"parameters": n_params, "pretrain": ssl, "patterns": {}}
+    ssl = Q.train_ssl(pretrained, Q.ProblemSampler(train_cases, qc, cfg.seed + 2), qc, cfg.pretrain_steps)
+    results: dict = {"parameters": n_params, "pretrain": ssl, "patterns": {},
+                     "matrices": {"training": matrix_summary(train_cases), "held-out": matrix_summary(eval_cases),
+                                  cfg.unlike_scanner: matrix_summary(matrix_cases)}}
     for pattern in cfg.patterns:
         files = eval_problems(eval_cases, pattern, cfg.R, qc)
         res = results["patterns"][pattern] = {
             "zero-filled": score(lambda p: Q.classical_image("zero_filled", p), files),
             "CG-SENSE": score(lambda p: Q.classical_image("sense", p, cfg.sense_lamda), files),
             "pretrained": score(lambda p: Q.cmrfm_image(pretrained, p), files),
-            "labels": [], "forms": [], "test_time": []}
+            "R_eff": effective_acceleration(files), "labels": [], "forms": [], "test_time": [], "sets": {},
+            "ablation_labelled": len(train_cases)}
         best_adapter, best_psnr = None, -np.inf
         for n in cfg.labelled:
             subset = train_cases if n == "all" else train_cases[:int(n)]
             for seed in cfg.seeds:
                 row = {"labelled": len(subset), "seed": seed}
                 for mode in ("adapter", "scratch", "full"):
-                    model, stats = train_arm(pretrained, subset, pattern, seed, mode, qc, cfg,
-                                            tuple(cfg.forms[0].split("+")))
+                    model, stats = train_arm(pretrained, subset, pattern, seed, mode, qc, cfg, variants[0])
                     row[mode] = score(lambda p: Q.cmrfm_image(model, p), files) | {
                         "steps": stats["steps"], "trainable": stats["trainable"]}
                     if mode == "adapter":
@@ -232,19 +361,31 @@ def run(cfg: LabelEfficiencyConfig) -> dict:
                 res["labels"].append(row)
                 print(f"[label_efficiency] {pattern} {len(subset)} files seed {seed}: " + ", ".join(
                     f"{m} {row[m]['psnr']:.2f}" for m in ("adapter", "scratch", "full")), file=sys.stderr)
-        for forms in cfg.forms:  # the ablation, on every labelled file, first seed
-            model, stats = train_arm(pretrained, train_cases, pattern, cfg.seeds[0], "adapter", qc, cfg,
-                                    tuple(forms.split("+")))
-            res["forms"].append({"forms": forms, **score(lambda p: Q.cmrfm_image(model, p), files),
-                                 "steps": stats["steps"], "trainable": stats["trainable"]})
+        for v in variants:  # the ablation, on every labelled file, first seed
+            model, stats = train_arm(pretrained, train_cases, pattern, cfg.seeds[0], "adapter", qc, cfg, v)
+            folder = save_adapter(model, out / "adapters" / "ablation" / re.sub(r"[^A-Za-z0-9_+-]", "_", v.spec)
+                                  / f"cine_{pattern}", {"contrast": "cine", "pattern": pattern, "variant": v.spec})
+            rank, layers, cascades = v.describe()
+            res["forms"].append({"forms": "+".join(v.forms), "spec": v.spec, "rank": rank, "layers": layers,
+                                 "cascades": cascades, **score(lambda p: Q.cmrfm_image(model, p), files),
+                                 "steps": stats["steps"], "trainable": stats["trainable"],
+                                 "share": stats["trainable"] / n_params,
+                                 "reload_exact": reloads_exactly(model, pretrained, folder, files[0][0][0])})
+            print(f"[label_efficiency] ablation {v.spec}: {res['forms'][-1]['psnr']:.2f} dB, "
+                  f"{stats['trainable']:,} trainable", file=sys.stderr)
         merge_adapters(best_adapter)
         unlike = [dataclasses.replace(c, kspace=c.kspace[:, :, :cfg.unlike_coils] * cfg.unlike_scale) for c in eval_cases]
         unlike_name = f"held-out, {cfg.unlike_coils} coils, k-space x{cfg.unlike_scale:g}"
-        for set_name, fset in (("held-out", files), (unlike_name, eval_problems(unlike, pattern, cfg.R, qc))):
-            if set_name != "held-out":
-                res["unlike_baselines"] = {
-                    "zero-filled": score(lambda p: Q.classical_image("zero_filled", p), fset),
-                    "CG-SENSE": score(lambda p: Q.classical_image("sense", p, cfg.sense_lamda), fset)}
+        m = results["matrices"][cfg.unlike_scanner]
+        matrix_name = f"{cfg.unlike_scanner}, {m['ny'][0]}-{m['ny'][1]} x {m['nx'][0]}-{m['nx'][1]}, " \
+                      f"{'/'.join(map(str, m['coils']))} coils"
+        sets = (("held-out", files), (unlike_name, eval_problems(unlike, pattern, cfg.R, qc)),
+                (matrix_name, eval_problems(matrix_cases, pattern, cfg.R, qc)))
+        for set_name, fset in sets:
+            res["sets"][set_name] = {"R_eff": effective_acceleration(fset)} | ({
+                "zero-filled": res["zero-filled"], "CG-SENSE": res["CG-SENSE"]} if fset is files else {
+                "zero-filled": score(lambda p: Q.classical_image("zero_filled", p), fset),
+                "CG-SENSE": score(lambda p: Q.classical_image("sense", p, cfg.sense_lamda), fset)})
             for start, base in (("pretrained", pretrained), ("best adapter", best_adapter)):
                 for steps in cfg.adapt_steps:
                     t0 = time.perf_counter()
@@ -256,41 +397,62 @@ def run(cfg: LabelEfficiencyConfig) -> dict:
     results["minutes"] = (time.perf_counter() - t_all) / 60
     results["config"] = dataclasses.asdict(cfg)
     results["command"] = f"python bench/label_efficiency.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}".rstrip()
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    write_atomic(out / "results.json", json.dumps(results, indent=2, default=float) + "\n")
     text = report(results, cfg, n_params)
-    (out / "label_efficiency.md").write_text(text + "\n")
+    write_atomic(out / "label_efficiency.md", text + "\n")
     print(text)
     plot(results, out / "label_efficiency.png")
     return results
 
 
+def _percent(part: float, whole: float) -> str:
+    """part / whole in percent; "-" when `whole` is no gain at all (a share of nothing means nothing)."""
+    return f"{100 * part / whole:.0f}%" if np.isfinite(whole) and whole > 0 else "-"
+
+
 def report(results: dict, cfg: LabelEfficiencyConfig, n_params: int) -> str:
+    budget = (f"{cfg.finetune_steps} steps per fine-tuning arm" if cfg.finetune_steps else
+              f"{cfg.finetune_seconds:g} s per fine-tuning arm")
     lines = [f"Held-out {cfg.held_out}, R {cfg.R}, clean PSNR / SSIM on the official crop; "
-             f"model {n_params:,} parameters; SSL pretraining {results['pretrain']['steps']} steps."]
+             f"model {n_params:,} parameters; SSL pretraining {results['pretrain']['steps']} steps; {budget}."]
+    mats = results["matrices"]
+    lines += ["", "| files | ny | nx | coils |", "|---|---|---|---|"]
+    lines += [f"| {name} ({m['files']}) | {m['ny'][0]}-{m['ny'][1]} | {m['nx'][0]}-{m['nx'][1]} | "
+              f"{'/'.join(map(str, m['coils']))} |" for name, m in mats.items()]
     for pattern, res in results["patterns"].items():
-        lines += ["", f"**{pattern}**: zero-filled {res['zero-filled']['psnr']:.2f} / {res['zero-filled']['ssim']:.4f}, "
+        f = res["pretrained"]["psnr"]
+        lines += ["", f"**{pattern}** (effective acceleration {res['R_eff']:.1f}x): zero-filled "
+                  f"{res['zero-filled']['psnr']:.2f} / {res['zero-filled']['ssim']:.4f}, "
                   f"CG-SENSE {res['CG-SENSE']['psnr']:.2f} / {res['CG-SENSE']['ssim']:.4f}, "
-                  f"pretrained (f) {res['pretrained']['psnr']:.2f} / {res['pretrained']['ssim']:.4f}", "",
+                  f"pretrained (f) {f:.2f} / {res['pretrained']['ssim']:.4f}", "",
                   "| labelled files | seed | (a) adapter | (b) scratch | (c) full FT | (a)-(b) dB | (a) share of (c)'s gain over (f) |",
                   "|---|---|---|---|---|---|---|"]
-        f = res["pretrained"]["psnr"]
         for r in res["labels"]:
             a, b, c = r["adapter"], r["scratch"], r["full"]
-            share = (a["psnr"] - f) / (c["psnr"] - f) if c["psnr"] != f else float("nan")
             lines.append(f"| {r['labelled']} | {r['seed']} | {a['psnr']:.2f} / {a['ssim']:.4f} ({a['steps']} steps) | "
                          f"{b['psnr']:.2f} / {b['ssim']:.4f} ({b['steps']}) | {c['psnr']:.2f} / {c['ssim']:.4f} "
-                         f"({c['steps']}) | {a['psnr'] - b['psnr']:+.2f} | {100 * share:.0f}% |")
+                         f"({c['steps']}) | {a['psnr'] - b['psnr']:+.2f} | {_percent(a['psnr'] - f, c['psnr'] - f)} |")
         last = res["labels"][-1]
-        lines += ["", f"Trainable parameters: adapter {last['adapter']['trainable']:,} "
-                  f"({100 * last['adapter']['trainable'] / n_params:.2f}% of the full model's {n_params:,}).", "",
-                  "| adapter forms (all labels, seed " + str(cfg.seeds[0]) + ") | PSNR / SSIM | trainable | steps |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['forms']} | {r['psnr']:.2f} / {r['ssim']:.4f} | {r['trainable']:,} | {r['steps']} |"
-                  for r in res["forms"]]
-        u = res["unlike_baselines"]
-        lines += ["", f"Unlike-training set: zero-filled {u['zero-filled']['psnr']:.2f} / {u['zero-filled']['ssim']:.4f}, "
-                  f"CG-SENSE {u['CG-SENSE']['psnr']:.2f} / {u['CG-SENSE']['ssim']:.4f}", "",
-                  "| evaluated on | test-time adaptation from | N steps | PSNR / SSIM | adaptation s per file | guard |",
+        same = [r for r in res["labels"] if r["labelled"] == res["ablation_labelled"] and r["seed"] == cfg.seeds[0]]
+        c_gain = same[0]["full"]["psnr"] - f if same else float("nan")  # (c) on the ablation's labels and seed
+        lines += ["", f"Trainable parameters of the label-efficiency adapter ({cfg.forms[0]}): "
+                  f"{last['adapter']['trainable']:,} ({100 * last['adapter']['trainable'] / n_params:.2f}% of the "
+                  f"full model's {n_params:,}).", "",
+                  f"Adapter ablation ({res['ablation_labelled']} labelled files, seed {cfg.seeds[0]}; alpha = 2 r; "
+                  f"'gain' is over (f), 'of (c)' is that gain over full fine-tuning's {c_gain:+.2f} dB on the same labels):", "",
+                  "| variant | forms | rank | layers | cascades | PSNR / SSIM | gain dB | of (c) | trainable | share of model | steps | reload exact |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["forms"]:
+            gain = r["psnr"] - f
+            lines.append(f"| `{r['spec']}` | {r['forms']} | {r['rank']} | {r['layers']} | {r['cascades']} | "
+                         f"{r['psnr']:.2f} / {r['ssim']:.4f} | {gain:+.2f} | "
+                         f"{_percent(gain, c_gain)} | {r['trainable']:,} | {100 * r['share']:.3f}% | {r['steps']} | "
+                         f"{'yes' if r['reload_exact'] else 'NO'} |")
+        lines += ["", "Test-time adaptation sets (zero-filled, CG-SENSE, effective acceleration):", ""]
+        lines += [f"- {name}: zero-filled {v['zero-filled']['psnr']:.2f} / {v['zero-filled']['ssim']:.4f}, CG-SENSE "
+                  f"{v['CG-SENSE']['psnr']:.2f} / {v['CG-SENSE']['ssim']:.4f}, {v['R_eff']:.1f}x"
+                  for name, v in res["sets"].items()]
+        lines += ["", "| evaluated on | test-time adaptation from | N steps | PSNR / SSIM | adaptation s per file | guard |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['set']} | {r['start']} | {r['steps']} | {r['psnr']:.2f} / {r['ssim']:.4f} | "
                   f"{r['adapt_s_per_file']:.1f} | {r['status']} |" for r in res["test_time"]]

@@ -284,13 +284,17 @@ def build_varnet(cfg: QualityConfig, target_params: int) -> tuple[torch.nn.Modul
 
 
 def train_for(seconds: float, params: list[torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor], lr: float,
-              name: str) -> dict:
-    """AdamW on `params` for a wall-clock budget, cosine-decayed over the time used; returns stats."""
+              name: str, max_steps: int = 0) -> dict:
+    """AdamW on `params` for a wall-clock budget, cosine-decayed over the time used; returns stats.
+    max_steps > 0: exactly that many steps instead (step-matched arms, whatever the machine's load),
+    cosine-decayed over the steps."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     t0, steps, losses = time.perf_counter(), 0, []
-    while (elapsed := time.perf_counter() - t0) < seconds:
+    while (steps < max_steps) if max_steps else (time.perf_counter() - t0 < seconds):
+        elapsed = time.perf_counter() - t0
+        progress = steps / max_steps if max_steps else min(elapsed / seconds, 1.0)
         for g in opt.param_groups:
-            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(elapsed / seconds, 1.0))))
+            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         loss = loss_fn()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{name}: non-finite loss at step {steps}")
@@ -301,14 +305,14 @@ def train_for(seconds: float, params: list[torch.nn.Parameter], loss_fn: Callabl
         losses.append(float(loss.detach()))
         steps += 1
         if steps % 10 == 0:
-            print(f"[quality] {name}: step {steps}, {elapsed:.0f}/{seconds:.0f} s, "
+            print(f"[quality] {name}: step {steps}" + (f"/{max_steps}" if max_steps else "") + f", {elapsed:.0f}/{seconds:.0f} s, "
                   f"loss {np.mean(losses[-10:]):.4f}, {steps / max(elapsed, 1e-9):.2f} steps/s", file=sys.stderr)
     took = time.perf_counter() - t0
     return {"steps": steps, "seconds": took, "step_s": took / max(steps, 1), "final_loss": float(np.mean(losses[-25:]))}
 
 
 def train_supervised(model: torch.nn.Module, image_fn: Callable, sampler: ProblemSampler, cfg: QualityConfig,
-                     seconds: float, lr: float, name: str, params: list | None = None) -> dict:
+                     seconds: float, lr: float, name: str, params: list | None = None, max_steps: int = 0) -> dict:
     weights = FinetuneLoss()
 
     def loss_fn() -> torch.Tensor:
@@ -318,13 +322,14 @@ def train_supervised(model: torch.nn.Module, image_fn: Callable, sampler: Proble
         return image_loss(image_fn(model, problem), torch.from_numpy(problem.target_image()), weights)[0]
 
     model.train()
-    stats = train_for(seconds, params or [p for p in model.parameters() if p.requires_grad], loss_fn, lr, name)
+    stats = train_for(seconds, params or [p for p in model.parameters() if p.requires_grad], loss_fn, lr, name,
+                      max_steps)
     model.eval()
     return stats
 
 
-def train_ssl(model: torch.nn.Module, sampler: ProblemSampler, cfg: QualityConfig) -> dict:
-    """SSDU on undersampled training data: the reference (`full`) is never read."""
+def train_ssl(model: torch.nn.Module, sampler: ProblemSampler, cfg: QualityConfig, max_steps: int = 0) -> dict:
+    """SSDU on undersampled training data: the reference (`full`) is never read (max_steps: train_for's)."""
     objective = ObjectiveConfig()
     step = [0]
 
@@ -335,7 +340,8 @@ def train_ssl(model: torch.nn.Module, sampler: ProblemSampler, cfg: QualityConfi
         return ssdu_step_loss(model, b, objective, cfg.seed, step[0])
 
     model.train()
-    stats = train_for(cfg.pretrain_seconds, list(model.parameters()), loss_fn, cfg.lr, "cmrfm SSL pretraining")
+    stats = train_for(cfg.pretrain_seconds, list(model.parameters()), loss_fn, cfg.lr, "cmrfm SSL pretraining",
+                      max_steps)
     model.eval()
     return stats
 

@@ -123,6 +123,9 @@ class SyntheticConfig:
     val_patients_per_scanner: int = 1
     files_per_patient: int = 4  # cine_sax + the next file types round-robin; 0 = all 24 types
     val_files_per_patient: int = 4
+    real_sizes: list[int] = field(default_factory=list)
+    """[ny_min, ny_max, nx_min, nx_max] for every file type of the "real" profile instead of REAL_SIZES
+    ([] = REAL_SIZES): a scanner whose matrix is unlike the release's (bench/label_efficiency.py)."""
     ny_min: int = 36  # phase-encode lines (before `scale`); > 20 so the ACS 20 leaves lines to skip
     ny_max: int = 56
     nx_min: int = 60  # readout points incl. oversampling (before `scale`)
@@ -205,6 +208,7 @@ def _plan(cfg: SyntheticConfig) -> list[_Job]:
     def make(tree: str, stem: str, center: str, scanner: str, patient: str, nz_max: int) -> None:
         i = len(jobs)
         (y_lo, y_hi), (x_lo, x_hi) = ((ny_lo, ny_hi), (nx_lo, nx_hi)) if cfg.profile != "real" else \
+            (tuple(cfg.real_sizes[:2]), tuple(cfg.real_sizes[2:])) if cfg.real_sizes else \
             REAL_SIZES.get(stem, REAL_SIZES["cine_sax"])
         ny = int(rng.integers(y_lo, y_hi + 1))
         if (ny % 2 == 1) != (i % 2 == 0):  # alternate parity: about half the files have an odd ny
@@ -448,6 +452,10 @@ def _validate(cfg: SyntheticConfig) -> None:
         raise ValueError(f"{cfg.out}: ny_min*scale >= 14 and nx_min*scale >= 22 are needed (ranking crop >= 7x7)")
     if cfg.ny_min > cfg.ny_max or cfg.nx_min > cfg.nx_max:
         raise ValueError(f"{cfg.out}: ny_min/nx_min must not exceed ny_max/nx_max")
+    if cfg.real_sizes and (len(cfg.real_sizes) != 4 or cfg.real_sizes[0] > cfg.real_sizes[1]
+                           or cfg.real_sizes[2] > cfg.real_sizes[3] or cfg.real_sizes[0] < 22 or cfg.real_sizes[2] < 22):
+        raise ValueError(f"{cfg.out}: real_sizes must be [ny_min, ny_max, nx_min, nx_max] with min <= max and every "
+                         f"size >= 22 (ACS 20 + lines to skip), got {cfg.real_sizes}")
     for entry in cfg.train_scanners + cfg.val_scanners:
         try:
             _split_scanner(entry)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_label_efficiency_and_adaptation_bench_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "le"
-    args = ["tiny=true", f"out={out}", "labelled=1,all", "forms=lora,scale_shift+prompt"]
+    args = ["tiny=true", f"out={out}", "labelled=1,all", "forms=lora,lora:r2:attn:last,lora+scale_shift:conv,scale_shift+prompt"]
     proc = subprocess.run([sys.executable, str(ROOT / "bench/label_efficiency.py")]
                           + [a for kv in args for a in ("--set", kv)], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -30,11 +30,29 @@ def test_label_efficiency_and_adaptation_bench_runs_end_to_end(tmp_path: Path) -
             assert math.isfinite(r[arm]["psnr"]) and 0 < r[arm]["ssim"] <= 1 and r[arm]["steps"] >= 1
         # the adapter trains far fewer parameters than the full model; scratch and full train all of them
         assert r["adapter"]["trainable"] < r["full"]["trainable"] == r["scratch"]["trainable"] == results["parameters"]
-    assert [f["forms"] for f in res["forms"]] == ["lora", "scale_shift+prompt"]
-    assert res["forms"][1]["trainable"] < res["forms"][0]["trainable"]
+    assert [f["spec"] for f in res["forms"]] == ["lora", "lora:r2:attn:last", "lora+scale_shift:conv", "scale_shift+prompt"]
+    assert [(f["rank"], f["layers"], f["cascades"]) for f in res["forms"]] == [
+        ("8", "attn+mlp", "all"), ("2", "attn", "last"), ("8", "conv", "all"), ("-", "attn+mlp", "all")]
+    # the tiny bench model: dim 32, depth 1, mlp 4 x, 2 cascades, conv 4, patch 4 (bench/label_efficiency.py run())
+    d, h, c = 32, 128, 4
+    lora_attn_mlp = 2 * 8 * ((d + 3 * d) + (d + d) + (d + h) + (h + d))          # r (in + out), both cascades
+    conv_out = [c, c, c, 2]                                                      # stem.0/2, conv_head.1/3
+    conv_lora = 2 * 8 * ((2 * 9 + c) + (c * 9 + c) + (c * 9 + c) + (c * 9 + 2))  # r (in k k + out)
+    expected = [lora_attn_mlp, 2 * ((d + 3 * d) + (d + d)), conv_lora + 2 * 2 * sum(conv_out),
+                2 * 2 * (3 * d + d + h + d) + 6 * d]
+    assert [f["trainable"] for f in res["forms"]] == expected
+    for f in res["forms"]:
+        assert f["reload_exact"] is True and f["share"] == f["trainable"] / results["parameters"]
+        assert (out / "adapters" / "ablation").is_dir()
+    matrices = results["matrices"]
+    unlike = matrices["Center014/GE_15T_SIGNAArtist"]
+    assert unlike["coils"] == [6] and matrices["training"]["coils"] == [4]
+    assert unlike["ny"][1] < matrices["training"]["ny"][0] and unlike["nx"][0] > matrices["training"]["nx"][1]
+    sets = ["held-out", "held-out, 4 coils, k-space x10000",
+            f"Center014/GE_15T_SIGNAArtist, {unlike['ny'][0]}-{unlike['ny'][1]} x {unlike['nx'][0]}-{unlike['nx'][1]}, 6 coils"]
+    assert list(res["sets"]) == sets and all(v["R_eff"] > 1 for v in res["sets"].values())
     runs = [("pretrained", 0), ("pretrained", 2), ("best adapter", 0), ("best adapter", 2)]
-    assert [(t["set"], t["start"], t["steps"]) for t in res["test_time"]] == [
-        (s, *r) for s in ("held-out", "held-out, 4 coils, k-space x10000") for r in runs]
+    assert [(t["set"], t["start"], t["steps"]) for t in res["test_time"]] == [(s, *r) for s in sets for r in runs]
     assert all(t["status"] in ("none", "adapted", "stopped early", "fallback") for t in res["test_time"])
     for n in ("1", "all"):
         for seed in (0, 1):

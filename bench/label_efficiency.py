@@ -313,6 +313,12 @@ def test_time(model: torch.nn.Module, files: list[tuple[list, np.ndarray]], step
 # ---- main -----------------------------------------------------------------------------------------
 
 
+def save_partial(results: dict, cfg: LabelEfficiencyConfig, out: Path) -> None:
+    """results.json as it stands (marked "partial"): a run stopped midway keeps every finished row."""
+    write_atomic(out / "results.json", json.dumps({**results, "partial": True, "config": dataclasses.asdict(cfg)},
+                                                  indent=2, default=float) + "\n")
+
+
 def run(cfg: LabelEfficiencyConfig) -> dict:
     if cfg.tiny:
         cfg = dataclasses.replace(cfg, pretrain_seconds=min(cfg.pretrain_seconds, 3.0),
@@ -344,7 +350,7 @@ def run(cfg: LabelEfficiencyConfig) -> dict:
             "pretrained": score(lambda p: Q.cmrfm_image(pretrained, p), files),
             "R_eff": effective_acceleration(files), "labels": [], "forms": [], "test_time": [], "sets": {},
             "ablation_labelled": len(train_cases)}
-        best_adapter, best_psnr = None, -np.inf
+        best_adapter, best_psnr, reuse = None, -np.inf, None
         for n in cfg.labelled:
             subset = train_cases if n == "all" else train_cases[:int(n)]
             for seed in cfg.seeds:
@@ -356,23 +362,14 @@ def run(cfg: LabelEfficiencyConfig) -> dict:
                     if mode == "adapter":
                         save_adapter(model, out / "adapters" / f"{n}_s{seed}" / f"cine_{pattern}",
                                      {"contrast": "cine", "pattern": pattern, "labelled_files": len(subset)})
+                        if len(subset) == len(train_cases) and seed == cfg.seeds[0]:
+                            reuse = (model, stats)  # the ablation's first variant: same labels, seed, budget
                         if row[mode]["psnr"] > best_psnr:
                             best_adapter, best_psnr = copy.deepcopy(model), row[mode]["psnr"]
                 res["labels"].append(row)
+                save_partial(results, cfg, out)
                 print(f"[label_efficiency] {pattern} {len(subset)} files seed {seed}: " + ", ".join(
                     f"{m} {row[m]['psnr']:.2f}" for m in ("adapter", "scratch", "full")), file=sys.stderr)
-        for v in variants:  # the ablation, on every labelled file, first seed
-            model, stats = train_arm(pretrained, train_cases, pattern, cfg.seeds[0], "adapter", qc, cfg, v)
-            folder = save_adapter(model, out / "adapters" / "ablation" / re.sub(r"[^A-Za-z0-9_+-]", "_", v.spec)
-                                  / f"cine_{pattern}", {"contrast": "cine", "pattern": pattern, "variant": v.spec})
-            rank, layers, cascades = v.describe()
-            res["forms"].append({"forms": "+".join(v.forms), "spec": v.spec, "rank": rank, "layers": layers,
-                                 "cascades": cascades, **score(lambda p: Q.cmrfm_image(model, p), files),
-                                 "steps": stats["steps"], "trainable": stats["trainable"],
-                                 "share": stats["trainable"] / n_params,
-                                 "reload_exact": reloads_exactly(model, pretrained, folder, files[0][0][0])})
-            print(f"[label_efficiency] ablation {v.spec}: {res['forms'][-1]['psnr']:.2f} dB, "
-                  f"{stats['trainable']:,} trainable", file=sys.stderr)
         merge_adapters(best_adapter)
         unlike = [dataclasses.replace(c, kspace=c.kspace[:, :, :cfg.unlike_coils] * cfg.unlike_scale) for c in eval_cases]
         unlike_name = f"held-out, {cfg.unlike_coils} coils, k-space x{cfg.unlike_scale:g}"
@@ -394,6 +391,22 @@ def run(cfg: LabelEfficiencyConfig) -> dict:
                     res["test_time"].append({"set": set_name, "start": start, "steps": steps,
                                              "adapt_s_per_file": took / len(fset), "status": info["status"],
                                              **score(lambda p: Q.cmrfm_image(model, p), fset)})
+                    save_partial(results, cfg, out)
+        # the ablation after test-time adaptation: a run stopped midway (save_partial) still has both
+        for v in variants:  # on every labelled file, first seed
+            model, stats = reuse if (v is variants[0] and reuse) else \
+                train_arm(pretrained, train_cases, pattern, cfg.seeds[0], "adapter", qc, cfg, v)
+            folder = save_adapter(model, out / "adapters" / "ablation" / re.sub(r"[^A-Za-z0-9_+-]", "_", v.spec)
+                                  / f"cine_{pattern}", {"contrast": "cine", "pattern": pattern, "variant": v.spec})
+            rank, layers, cascades = v.describe()
+            res["forms"].append({"forms": "+".join(v.forms), "spec": v.spec, "rank": rank, "layers": layers,
+                                 "cascades": cascades, **score(lambda p: Q.cmrfm_image(model, p), files),
+                                 "steps": stats["steps"], "trainable": stats["trainable"],
+                                 "share": stats["trainable"] / n_params,
+                                 "reload_exact": reloads_exactly(model, pretrained, folder, files[0][0][0])})
+            print(f"[label_efficiency] ablation {v.spec}: {res['forms'][-1]['psnr']:.2f} dB, "
+                  f"{stats['trainable']:,} trainable", file=sys.stderr)
+            save_partial(results, cfg, out)
     results["minutes"] = (time.perf_counter() - t_all) / 60
     results["config"] = dataclasses.asdict(cfg)
     results["command"] = f"python bench/label_efficiency.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}".rstrip()

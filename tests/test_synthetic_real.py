@@ -100,3 +100,22 @@ def test_fine_anatomy_puts_energy_where_smoothing_loses_it() -> None:
     assert high_fraction(detail) > 3 * high_fraction(smooth)
     # still a chest: same body outline, signal inside, nothing outside
     assert np.abs(detail[:, :40]).max() < 1e-3 and np.abs(detail[100, 200]) > 0.05
+
+
+def test_real_sizes_override_gives_a_matrix_unlike_the_release() -> None:
+    """`real_sizes` (bench/label_efficiency.py's second held-out vendor): every file's ny, nx in the
+    given ranges, none of them inside cine's release ranges; a malformed range is refused by name."""
+    from shards.synthetic import _plan
+
+    cfg = SyntheticConfig(out="unused", profile="real", train_scanners=[], val_scanners=["Center014/GE_15T_SIGNAArtist"],
+                          val_patients_per_scanner=3, val_files_per_patient=2, patients_2024=0, fastmri_files=0,
+                          real_sizes=[72, 96, 500, 540])
+    jobs = _plan(cfg)
+    assert len(jobs) == 6
+    (cine_y, cine_x) = REAL_SIZES["cine_sax"]
+    for j in jobs:
+        assert 72 <= j.ny <= 96 and 500 <= j.nx <= 540, (j.stem, j.ny, j.nx)
+        assert j.ny < cine_y[0] and j.nx > cine_x[1]
+    for bad in ([72, 96, 500], [96, 72, 500, 540], [10, 20, 500, 540]):
+        with pytest.raises(ValueError, match="real_sizes"):
+            write_corpus(SyntheticConfig(out="unused", profile="real", real_sizes=bad))

@@ -2,7 +2,8 @@
 
     forward(kspace, mask, meta):
         sensitivities      S  = SensitivityModel(k0, M)            ACS block -> CNN -> / RSS
-        zero-filled image  x  = S^H F^H M k0
+        starting image     x  = S^H F^H M k0                      zero-filled, or with `sense_init` = n:
+                           x  = CG_n[(A^H A + mu I) x = A^H k0]     CG-SENSE with the learned S
         for each cascade:  x' = Backbone(x, conditioning(meta))    transformer refinement (image domain)
                            k  = DC(F S x', k0, M)                  soft or hard data consistency
                            x  = S^H F^H k
@@ -26,7 +27,7 @@ from torch import nn
 from models.backbone import Backbone
 from models.coils import SensitivityModel, sense_adjoint, sense_forward
 from models.conditioning import Conditioning
-from models.consistency import DataConsistency
+from models.consistency import DataConsistency, cg_sense
 
 if TYPE_CHECKING:
     from models.sizes import ModelConfig
@@ -39,7 +40,7 @@ class Cascade(nn.Module):
         super().__init__()
         self.backbone = Backbone(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.patch,
                                  checkpointing=cfg.activation_checkpointing, conv_channels=cfg.conv_channels,
-                                 device=device, dtype=dtype)
+                                 gain=cfg.refine_gain, device=device, dtype=dtype)
         self.dc = DataConsistency(cfg.dc_mode, device=device, dtype=dtype)
 
     def forward(self, image: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor, sens: torch.Tensor,
@@ -90,10 +91,22 @@ class ReconModel(nn.Module):
         sens = self.sensitivities(measured, mask)
         cond = self.conditioning(meta)  # (B, 6, D): one token per metadata field
         image = sense_adjoint(measured, sens)  # zero-filled, coil-combined
+        if self.config.sense_init:
+            image = self.sense_image(image, mask, sens)
         estimate = measured
         for cascade in self.unrolled():
             image, estimate = cascade(image, measured, mask, sens, cond)
         return {"image": image, "kspace": estimate, "sens": sens}
+
+    def sense_image(self, adjoint: torch.Tensor, mask: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
+        """CG-SENSE from A^H y with the model's sensitivities: `sense_init` CG iterations on
+        (A^H A + mu I) x = A^H y. Run without autograd (a fixed solver, not a learned layer: it costs
+        one forward and adjoint FFT per iteration and nothing in the backward pass); the sensitivities
+        still learn through the cascades' data consistency."""
+        with torch.no_grad():
+            s = sens.detach()
+            normal = lambda x: sense_adjoint(sense_forward(x, s, mask), s)  # noqa: E731  A^H A
+            return cg_sense(adjoint.detach(), normal, self.config.sense_mu, self.config.sense_init)
 
     @staticmethod
     def _check(kspace: torch.Tensor, mask: torch.Tensor, meta: list[dict]) -> None:

@@ -379,6 +379,20 @@ def canvas(image: np.ndarray, problem: Problem, ny: int) -> np.ndarray:
     return out
 
 
+def scoring_window(nt: int, name: str, frames: int) -> tuple[np.ndarray, list[int]]:
+    """The frames a method reconstructs for scoring, and which of them the scorer reads.
+
+    The ranking scores the first frames (challenge.ranking.select_frames, 3 for cine); a model trained
+    on longer windows (`frames` = 5) reconstructs them with neighbours on both sides (cine is
+    periodic), as it was trained, and only the scored ones are kept."""
+    official = select_frames(nt, name)
+    if frames <= len(official) or len(official) == nt:
+        return np.array(official), list(range(len(official)))
+    before = (frames - len(official)) // 2
+    window = (official[0] - before + np.arange(frames)) % nt
+    return window, list(range(before, before + len(official)))
+
+
 def evaluate(methods: dict[str, Callable[[Problem], np.ndarray]], cases: list[Case], cfg: QualityConfig,
              keep: dict) -> tuple[list[dict], dict[str, list[float]]]:
     """Score every method on every (pattern, R) over the held-out cases; returns rows and seconds/slice."""
@@ -389,7 +403,8 @@ def evaluate(methods: dict[str, Callable[[Problem], np.ndarray]], cases: list[Ca
             per = {name: {"psnr": [], "ssim": [], "psnr_clean": [], "ssim_clean": []} for name in methods}
             for ci, case in enumerate(cases):
                 nt, nz, _, ny, nx = case.kspace.shape
-                frames, slices = np.array(select_frames(nt, case.path.stem)), select_slices(nz)
+                frames, scored = scoring_window(nt, case.path.stem, cfg.frames)
+                slices = select_slices(nz)
                 reference = img4ranking_from_kspace(case.kspace, case.path.stem)
                 images = {name: [] for name in methods}
                 for z in slices:
@@ -397,12 +412,12 @@ def evaluate(methods: dict[str, Callable[[Problem], np.ndarray]], cases: list[Ca
                     for name, fn in methods.items():
                         t0 = time.perf_counter()
                         with torch.inference_mode():
-                            img = np.asarray(fn(problem), dtype=np.float32)
+                            img = np.asarray(fn(problem), dtype=np.float32)[scored]
                         timing[name].append(time.perf_counter() - t0)
                         images[name].append(canvas(img, problem, ny))
                         if R == cfg.figure_R and ci == 0 and z == slices[0]:
                             keep.setdefault(pattern, {})[name] = images[name][-1][0]
-                            keep[pattern]["reference"] = canvas(problem.target_image(), problem, ny)[0]
+                            keep[pattern]["reference"] = canvas(problem.target_image()[scored], problem, ny)[0]
                             keep[pattern]["columns"] = problem.columns
                 for name in methods:
                     recon = crop_selected(np.stack(images[name], axis=1))  # (F, Z, Y, X) -> official crop

@@ -47,7 +47,8 @@ class ModelConfig:
     share_weights: bool | None = None
     """One cascade's weights reused for every iteration (False: separate weights, as VarNet/SDUM)."""
     dc_mode: str | None = None
-    """Data consistency: "soft" (learned weight) or "hard" (exact replacement)."""
+    """Data consistency: "soft" (learned weight), "hard" (exact replacement) or "weighted" (soft with a
+    learned sampling-aware weight map over k-space, models/consistency.py)."""
     sens_channels: int | None = None
     """Width of the coil-sensitivity refinement CNN."""
     sens_layers: int | None = None

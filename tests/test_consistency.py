@@ -118,3 +118,29 @@ def test_sense_init_starts_closer_to_the_truth_than_zero_filling() -> None:
                 image = model.sense_image(image, mask, sens)
         errors[n] = float((image.abs()[0, 0] - ref).pow(2).mean())
     assert errors[10] < 0.5 * errors[0], errors
+
+
+def test_weighted_dc_is_soft_at_init_and_follows_its_formula_when_trained() -> None:
+    """'weighted' equals 'soft' at initialisation; with (a, b, c) set, the update at each sampled
+    location uses lambda * exp(a d + b r + c), d = fraction of frames sampled there, r = distance from
+    the centre over the half-diagonal, computed here by hand for one location."""
+    import math
+
+    pred, meas, mask = _data(5)
+    soft, weighted = DataConsistency("soft"), DataConsistency("weighted")
+    torch.testing.assert_close(weighted(pred, meas, mask), soft(pred, meas, mask))
+    with torch.no_grad():
+        weighted.sampling.copy_(torch.tensor([0.7, -1.2, 0.1]))
+        weighted.weight.fill_(0.5)
+    b, t, c, y, x = 1, 2, 3, 2, 9  # a location sampled in frame t of sample b
+    mask[b, t, y, x] = 1.0
+    out = weighted(pred, meas, mask)
+    d = float(mask[b, :, y, x].mean())
+    r = math.hypot((y - 9 // 2) / 4.5, (x - 11 // 2) / 5.5) / math.sqrt(2)
+    lam = 0.5 * math.exp(0.7 * d - 1.2 * r + 0.1)
+    expected = pred[b, t, c, y, x] - lam * (pred[b, t, c, y, x] - meas[b, t, c, y, x])
+    torch.testing.assert_close(out[b, t, c, y, x], expected)
+    unsampled = mask.unsqueeze(2).expand_as(pred) == 0
+    assert torch.equal(out[unsampled], pred[unsampled])
+    out.abs().sum().backward()
+    assert weighted.sampling.grad is not None and weighted.sampling.grad.abs().sum() > 0

@@ -189,3 +189,19 @@ def test_sense_init_adds_no_parameters_and_gets_no_gradient() -> None:
     out["image"].abs().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in cg.parameters() if p.grad is not None)
     assert cg.sensitivities.refiner.gain.grad is not None  # the sensitivities still learn through the cascades
+
+
+def test_per_cascade_sensitivity_refinement_is_the_identity_at_init_and_learns() -> None:
+    """With `sens_per_cascade` every cascade owns a refiner whose gain starts at 0: with the other
+    weights copied over, the output equals the model without it; the refiners receive gradients."""
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(size="tiny"))
+    refined = build_model(ModelConfig(size="tiny", sens_per_cascade=True))
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".sens_refiner." in k for k in missing)
+    kspace, mask = _batch(1, 2, 3, 20, 18)
+    a, b = plain(kspace, mask, [META]), refined(kspace, mask, [META])
+    torch.testing.assert_close(b["image"], a["image"], atol=1e-5, rtol=1e-4)
+    b["image"].abs().mean().backward()
+    gains = [c.sens_refiner.gain.grad for c in refined.cascades]
+    assert all(g is not None and g.abs() > 0 for g in gains[:-1])  # the last refiner feeds no later cascade

@@ -61,3 +61,40 @@ def test_label_efficiency_and_adaptation_bench_runs_end_to_end(tmp_path: Path) -
     text = (out / "label_efficiency.md").read_text()
     assert "(a) adapter" in text and "test-time adaptation" in text
     assert (out / "label_efficiency.png").stat().st_size > 1000
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_label_efficiency", ROOT / "bench/label_efficiency.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_label_efficiency"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_variants_parse_and_bad_ones_are_refused_by_name() -> None:
+    le = _bench()
+    v = le.parse_variant("lora+prompt:r4:attn+conv:c0+-1", 8)
+    assert (v.forms, v.rank, v.layers, v.cascades) == (("lora", "prompt"), 4, ("attn", "conv"), (0, -1))
+    assert le.parse_variant("lora", 8).describe() == ("8", "attn+mlp", "all")
+    assert le.parse_variant("lora:last", 8).describe() == ("8", "attn+mlp", "last")
+    assert le.parse_variant("prompt", 8).describe() == ("-", "-", "-")
+    for bad in ("ia3", "lora:r0", "lora:attention"):
+        with pytest.raises(SystemExit, match=bad.split(":")[0] if bad == "ia3" else "lora"):
+            le.parse_variant(bad, 8)
+
+
+def test_step_matched_training_runs_exactly_max_steps() -> None:
+    import torch
+
+    le = _bench()
+    w = torch.nn.Parameter(torch.ones(3))
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        return (w ** 2).sum()
+
+    stats = le.Q.train_for(1e9, [w], loss_fn, 0.1, "test", max_steps=4)   # a budget of seconds that never ends
+    assert stats["steps"] == 4 and len(calls) == 4

@@ -105,6 +105,9 @@ class LoaderConfig:
     """most samples waiting in shape buckets before the oldest bucket leaves as a smaller batch"""
     prefetch: int = 2
     """batches prefetched per worker"""
+    lazy_frames: bool = True
+    """read only the `frames` of the window from each .npy member (shards.frames); False reads every
+    frame of a sample, as the loader did before (kept for bench/data_path.py's side-by-side P7)"""
     mix: list[MixSource] = field(default_factory=list)
     """corpora to mix ([[data.mix]] tables: shards, select, weight; shards.mix); empty: `shards` alone"""
     mix_by: list[str] = field(default_factory=list)
@@ -159,7 +162,8 @@ class ShardPlan:
 # --------------------------------------------------------------------------------------------- stages
 
 
-def _raw_samples(url: str, start: int, keep: Callable[[int, dict], bool] | None = None) -> Iterator[tuple[int, str, dict[str, bytes | MemberRef]]]:
+def _raw_samples(url: str, start: int, keep: Callable[[int, dict], bool] | None = None,
+                 lazy: bool = True) -> Iterator[tuple[int, str, dict[str, bytes | MemberRef]]]:
     """(offset, key, {member: bytes | MemberRef}) for the samples of one tar from `start` on, grouped
     by key as webdataset does (`<key>.<member>`, key = name up to the first dot). Members of skipped
     samples are not read. A truncated tar raises (tarfile.TarError/OSError/EOFError) after its intact part.
@@ -167,6 +171,7 @@ def _raw_samples(url: str, start: int, keep: Callable[[int, dict], bool] | None 
     The array members (kspace/mask/ref.npy) come as a MemberRef: their place in the tar and their
     first bytes (the .npy header), so that `prepare` reads only the frames of its window
     (shards.frames); the other members (meta.json, and anything the decoder will refuse) as bytes.
+    `lazy=False` reads every member whole (bytes).
 
     With `keep(offset, meta)` (selection, mixing), a sample's meta.json is read first and the sample
     is passed over (its k-space never read) unless kept; offsets still count every sample, so
@@ -183,7 +188,7 @@ def _raw_samples(url: str, start: int, keep: Callable[[int, dict], bool] | None 
         return data
 
     def member(tf: tarfile.TarFile, ext: str, info: tarfile.TarInfo, end: int) -> bytes | MemberRef:
-        if ext not in ARRAY_MEMBERS:
+        if not lazy or ext not in ARRAY_MEMBERS:
             return read(tf, info)
         if info.offset_data + info.size > end:                 # seekable reads past the end see no error
             raise tarfile.ReadError(f"unexpected end of data in {info.name}")
@@ -364,7 +369,7 @@ class _Stream:
             self.fruitless.append(url)
             start = self.next[1] if d == self.next[0] else 0
             try:
-                for off, key, files in _raw_samples(url, start, self._keep(epoch, shard)):
+                for off, key, files in _raw_samples(url, start, self._keep(epoch, shard), self.cfg.lazy_frames):
                     self.next = (d, off + 1)
                     yield (d, off), key, files
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
@@ -457,7 +462,8 @@ class _Stream:
         out: dict[tuple[int, int], dict] = {}
         for d in sorted({p[0] for p in self.pending}):
             want = sorted(p[1] for p in self.pending if p[0] == d)
-            for off, key, files in _raw_samples(self.urls[self.plan.draw(self.worker, d)[1]], want[0]):
+            for off, key, files in _raw_samples(self.urls[self.plan.draw(self.worker, d)[1]], want[0],
+                                               lazy=self.cfg.lazy_frames):
                 if off in want and (sample := self._decode_one((d, off), key, files)) is not None:
                     if (ex := self._prepare_one((d, off), sample)) is not None:
                         out[(d, off)] = ex

@@ -179,6 +179,8 @@ def _spawn(cfg: GpuCheckConfig, job: str) -> subprocess.Popen:
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     if cfg.dry_run:
         env["DS_ACCELERATOR"] = "cpu"
+    elif job == "flops":                 # CPU counting beside the GPU jobs: leave their launch threads cores
+        env["OMP_NUM_THREADS"] = "4"
     return subprocess.Popen([sys.executable, __file__, *args, f"--set=job={job}"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True)
 

@@ -81,6 +81,8 @@ class QualityConfig:
     seed: int = 0
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     """Which arms to run besides zero-filled (ablations run "cmrfm scratch" alone)."""
+    patterns: list[str] = field(default_factory=lambda: list(PATTERNS))
+    """Sampling patterns trained and evaluated (a subset for quick ablations, e.g. "ktRadial")."""
     tiny: bool = False
     """Small matrices, 4 coils and seconds of training: the test suite's end-to-end run."""
     train_scanners: list[str] = field(default_factory=lambda: [
@@ -96,8 +98,10 @@ class QualityConfig:
     readout_margin: float = 0.15
     """Extra columns on each side of the ranking crop, as a fraction of its width (model context)."""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
-        size="tiny", dim=96, depth=3, heads=4, patch=16, cascades=4, conv_channels=16, sens_channels=8))
-    """cmrfm's architecture for every cmrfm arm (patch 16 + convolutional stem/head: see BENCHMARKS.md)."""
+        size="tiny", dim=96, depth=3, heads=4, patch=16, cascades=4, conv_channels=16, sens_channels=8,
+        sense_init=8, sense_mu=0.003))
+    """cmrfm's architecture for every cmrfm arm (patch 16 + convolutional stem/head, CG-SENSE starting
+    image: see BENCHMARKS.md and docs/design.md §7)."""
     threads: int = 0
     """torch intra-op threads (0: torch's default). 1 is ~10x faster per step on a 2-core machine that
     other processes share: OpenMP threads spin at every small op while a core is taken (measured)."""
@@ -226,8 +230,8 @@ def corpus(cfg: QualityConfig, work: Path) -> tuple[list[Case], list[Case]]:
 class ProblemSampler:
     """Random training problems: file, slice, frame window, pattern, R, mask seed, readout offset."""
 
-    def __init__(self, cases: list[Case], cfg: QualityConfig, seed: int, patterns: tuple[str, ...] = PATTERNS):
-        self.cases, self.cfg, self.patterns = cases, cfg, patterns
+    def __init__(self, cases: list[Case], cfg: QualityConfig, seed: int, patterns: tuple[str, ...] | None = None):
+        self.cases, self.cfg, self.patterns = cases, cfg, tuple(patterns or cfg.patterns)
         self.rng = np.random.default_rng(seed)
 
     def __call__(self) -> Problem:
@@ -375,17 +379,32 @@ def canvas(image: np.ndarray, problem: Problem, ny: int) -> np.ndarray:
     return out
 
 
+def scoring_window(nt: int, name: str, frames: int) -> tuple[np.ndarray, list[int]]:
+    """The frames a method reconstructs for scoring, and which of them the scorer reads.
+
+    The ranking scores the first frames (challenge.ranking.select_frames, 3 for cine); a model trained
+    on longer windows (`frames` = 5) reconstructs them with neighbours on both sides (cine is
+    periodic), as it was trained, and only the scored ones are kept."""
+    official = select_frames(nt, name)
+    if frames <= len(official) or len(official) == nt:
+        return np.array(official), list(range(len(official)))
+    before = (frames - len(official)) // 2
+    window = (official[0] - before + np.arange(frames)) % nt
+    return window, list(range(before, before + len(official)))
+
+
 def evaluate(methods: dict[str, Callable[[Problem], np.ndarray]], cases: list[Case], cfg: QualityConfig,
              keep: dict) -> tuple[list[dict], dict[str, list[float]]]:
     """Score every method on every (pattern, R) over the held-out cases; returns rows and seconds/slice."""
     rows, timing = [], {name: [] for name in methods}
-    for pattern in PATTERNS:
+    for pattern in cfg.patterns:
         for R in RATES:
             row = {"pattern": pattern, "R": R}
             per = {name: {"psnr": [], "ssim": [], "psnr_clean": [], "ssim_clean": []} for name in methods}
             for ci, case in enumerate(cases):
                 nt, nz, _, ny, nx = case.kspace.shape
-                frames, slices = np.array(select_frames(nt, case.path.stem)), select_slices(nz)
+                frames, scored = scoring_window(nt, case.path.stem, cfg.frames)
+                slices = select_slices(nz)
                 reference = img4ranking_from_kspace(case.kspace, case.path.stem)
                 images = {name: [] for name in methods}
                 for z in slices:
@@ -393,12 +412,12 @@ def evaluate(methods: dict[str, Callable[[Problem], np.ndarray]], cases: list[Ca
                     for name, fn in methods.items():
                         t0 = time.perf_counter()
                         with torch.inference_mode():
-                            img = np.asarray(fn(problem), dtype=np.float32)
+                            img = np.asarray(fn(problem), dtype=np.float32)[scored]
                         timing[name].append(time.perf_counter() - t0)
                         images[name].append(canvas(img, problem, ny))
                         if R == cfg.figure_R and ci == 0 and z == slices[0]:
                             keep.setdefault(pattern, {})[name] = images[name][-1][0]
-                            keep[pattern]["reference"] = canvas(problem.target_image(), problem, ny)[0]
+                            keep[pattern]["reference"] = canvas(problem.target_image()[scored], problem, ny)[0]
                             keep[pattern]["columns"] = problem.columns
                 for name in methods:
                     recon = crop_selected(np.stack(images[name], axis=1))  # (F, Z, Y, X) -> official crop
@@ -466,7 +485,7 @@ def inference_timing(methods: dict[str, Callable[[Problem], np.ndarray]], cfg: Q
     img = render_images("cine_sax", 12, 1, ny, nx, 2.0, random_anatomy(rng), rng, detail=True)[:, 0]
     k = np_fft2c(img[:, None] * coil_maps(coils, ny, nx, 2.0, rng)[None]).astype(np.complex64)
     out: dict[str, dict[str, float]] = {}
-    for pattern in PATTERNS:
+    for pattern in cfg.patterns:
         problem = make_problem(k, np.arange(cfg.frames), pattern, 16, cfg.seed, {"modality": "cine", "view": "sax"}, cfg)
         for name, fn in methods.items():
             with torch.inference_mode():
@@ -494,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(QualityConfig, argv, description="real-difficulty quality benchmark")
     if cfg.tiny:
         cfg = tiny_overrides(cfg)
+    bad = sorted(set(cfg.patterns) - set(PATTERNS))
+    if bad or not cfg.patterns:
+        raise SystemExit(f"bench/quality.py: patterns {bad or '(none)'} not among {', '.join(PATTERNS)}")
     unknown = sorted(set(cfg.arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"bench/quality.py: unknown arm(s) {unknown}; known: {', '.join(ARMS)} (comma-separated)")
@@ -516,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     if CLASSICAL_ARMS & set(cfg.arms):  # regularisation picked on training slices, never the held-out ones
         tuner = ProblemSampler(train_cases, cfg, cfg.seed + 4)
         tune_problems = []
-        for pattern in PATTERNS:
+        for pattern in cfg.patterns:
             tuner.patterns = (pattern,)
             tune_problems += [tuner() for _ in range(cfg.tune_slices)]
         for arm, method, lamdas in (("CG-SENSE", "sense", cfg.sense_lamdas), ("L1-wavelet", "l1_wavelet", cfg.l1_lamdas)):
@@ -543,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         arm = cost["cmrfm SSL+adapters"] = {"pretrain": train_ssl(pretrained, ProblemSampler(train_cases, cfg, cfg.seed + 2), cfg),
                                             "parameters": n_cmrfm}
         adapted = {}
-        for pattern in PATTERNS:
+        for pattern in cfg.patterns:
             model = copy.deepcopy(pretrained)
             add_adapters(model, cfg.adapter_rank, 2.0 * cfg.adapter_rank, cfg.adapter_targets)
             params = adapter_parameters(model)
@@ -584,8 +606,8 @@ def report(cfg: QualityConfig, rows: list[dict], cost: dict, timing: dict, tunin
         c = cost.get(n, {})
         if n == "cmrfm SSL+adapters":
             pre = c["pretrain"]
-            secs = pre["seconds"] + sum(c[p]["seconds"] for p in PATTERNS)
-            steps = f"{pre['steps']} SSL + " + "/".join(str(c[p]["steps"]) for p in PATTERNS)
+            secs = pre["seconds"] + sum(c[p]["seconds"] for p in cfg.patterns)
+            steps = f"{pre['steps']} SSL + " + "/".join(str(c[p]["steps"]) for p in cfg.patterns)
             lines.append(f"| {n} | {c['parameters']:,} (+{c['trainable']:,} LoRA per pattern) | {secs:.0f} | {steps} | "
                          f"{pre['step_s']:.2f} | {np.mean(timing[n]):.2f} |")
         elif c:
@@ -595,8 +617,8 @@ def report(cfg: QualityConfig, rows: list[dict], cost: dict, timing: dict, tunin
             lines.append(f"| {n} | - | - | - | - | {np.mean(timing[n]):.2f} |")
     lines += ["", f"Inference seconds per slice at {real_size[0]} coils x {real_size[1]} x {real_size[2]}, "
               f"{cfg.frames} frames, R 16 (this CPU, {torch.get_num_threads()} thread(s)):", "",
-              "| method | " + " | ".join(PATTERNS) + " |", "|---|" + "---|" * len(PATTERNS)]
-    lines += [f"| {n} | " + " | ".join(f"{speed[n][p]:.2f}" for p in PATTERNS) + " |" for n in names]
+              "| method | " + " | ".join(cfg.patterns) + " |", "|---|" + "---|" * len(cfg.patterns)]
+    lines += [f"| {n} | " + " | ".join(f"{speed[n][p]:.2f}" for p in cfg.patterns) + " |" for n in names]
     cells = [(r["pattern"], r["R"]) for r in rows]
     goals = []
     ours = [n for n in ("cmrfm scratch", "cmrfm SSL+adapters") if n in names]
@@ -618,9 +640,9 @@ def report(cfg: QualityConfig, rows: list[dict], cost: dict, timing: dict, tunin
                       f"- VarNet parameters {n_v:,} vs cmrfm {n_c:,} ({100 * (n_v / n_c - 1):+.1f}%, goal within 10%)"]
         if "CG-SENSE" in names:
             goals.append("- inference at the real slice size no slower than CG-SENSE: " + ", ".join(
-                f"{p} {speed[best][p]:.2f} vs {speed['CG-SENSE'][p]:.2f} s" for p in PATTERNS))
+                f"{p} {speed[best][p]:.2f} vs {speed['CG-SENSE'][p]:.2f} s" for p in cfg.patterns))
     for method, (lam, scores) in tuning.items():
-        goals.append(f"- {method} lamda {lam:g}, picked on {cfg.tune_slices * len(PATTERNS)} training slices: "
+        goals.append(f"- {method} lamda {lam:g}, picked on {cfg.tune_slices * len(cfg.patterns)} training slices: "
                      + ", ".join(f"{k:g} -> {v:.2f} dB" for k, v in scores.items()))
     goals.append(f"- figures: {', '.join(str(f) for f in figures)}")
     lines += [""] + goals + [

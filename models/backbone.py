@@ -90,11 +90,13 @@ class Backbone(nn.Module):
             use_reentrant=False): activations of one block instead of all of them.
         conv_channels: width of the convolutional stem and head (0: plain linear patch embedding and
             head, as a ViT).
+        gain: initial scale of the residual update (0: ReZero, the untrained backbone is the identity).
         device, dtype: passed to every parameter (meta-device builds, deepspeed.zero.Init).
     """
 
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, patch: int = 8,
-                 checkpointing: bool = False, conv_channels: int = 0, device=None, dtype=None) -> None:
+                 checkpointing: bool = False, conv_channels: int = 0, gain: float = 0.1, device=None,
+                 dtype=None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if dim % heads or dim % 2:
@@ -111,9 +113,9 @@ class Backbone(nn.Module):
             Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, **dd) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, **dd)
         self.head = nn.Linear(dim, patch * patch * c, **dd)
-        # the update starts small, so an untrained cascade is close to "zero-filled + data consistency";
-        # a parameter of this module (not a child's) so the value survives deepspeed.zero.Init
-        self.gain = nn.Parameter(torch.full((1,), 0.1, **dd))
+        # the update starts small (or at zero), so an untrained cascade is close to "starting image + data
+        # consistency"; a parameter of this module (not a child's) so the value survives deepspeed.zero.Init
+        self.gain = nn.Parameter(torch.full((1,), float(gain), **dd))
 
     def forward(self, image: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """image complex (B, T, Y, X), cond (B, K, D) -> refined image complex64 (B, T, Y, X)."""

@@ -2,10 +2,12 @@
 
     forward(kspace, mask, meta):
         sensitivities      S  = SensitivityModel(k0, M)            ACS block -> CNN -> / RSS
-        zero-filled image  x  = S^H F^H M k0
+        starting image     x  = S^H F^H M k0                      zero-filled, or with `sense_init` = n:
+                           x  = CG_n[(A^H A + mu I) x = A^H k0]     CG-SENSE with the learned S
         for each cascade:  x' = Backbone(x, conditioning(meta))    transformer refinement (image domain)
                            k  = DC(F S x', k0, M)                  soft or hard data consistency
                            x  = S^H F^H k
+                           S  = normalise(S + CNN(coil images of k / RSS))   with `sens_per_cascade`
         return image x, multi-coil k-space k, sensitivities S
 
 One call signature for self-supervised pretraining (k0, M = the Theta split of the acquired
@@ -24,9 +26,10 @@ import torch
 from torch import nn
 
 from models.backbone import Backbone
-from models.coils import SensitivityModel, sense_adjoint, sense_forward
+from models.coils import CoilRefiner, SensitivityModel, rss, sense_adjoint, sense_forward
 from models.conditioning import Conditioning
-from models.consistency import DataConsistency
+from models.consistency import DataConsistency, cg_sense
+from models.fft import ifft2c
 
 if TYPE_CHECKING:
     from models.sizes import ModelConfig
@@ -39,8 +42,11 @@ class Cascade(nn.Module):
         super().__init__()
         self.backbone = Backbone(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.patch,
                                  checkpointing=cfg.activation_checkpointing, conv_channels=cfg.conv_channels,
-                                 device=device, dtype=dtype)
+                                 gain=cfg.refine_gain, device=device, dtype=dtype)
         self.dc = DataConsistency(cfg.dc_mode, device=device, dtype=dtype)
+        # per-cascade sensitivity refinement (SDUM's CSME): identity at init (ReZero gain in CoilRefiner)
+        self.sens_refiner = CoilRefiner(cfg.sens_channels, cfg.sens_layers, device=device, dtype=dtype) \
+            if cfg.sens_per_cascade else None
 
     def forward(self, image: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor, sens: torch.Tensor,
                 cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +55,19 @@ class Cascade(nn.Module):
         refined = self.backbone(image, cond)
         kspace = self.dc(sense_forward(refined, sens), measured, mask)
         return sense_adjoint(kspace, sens), kspace
+
+    def refine_sensitivities(self, kspace: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
+        """Sensitivities updated from this cascade's full-resolution multi-coil estimate.
+
+        The coil images of the data-consistent k-space, averaged over frames and divided by their
+        root-sum-of-squares, are a full-resolution sensitivity estimate (the ACS one is low
+        resolution); the cascade's CNN proposes a correction from it, added with a learned gain that
+        starts at 0, and the result is normalised to sum_c |S_c|^2 = 1 again."""
+        coils = ifft2c(kspace).mean(1)  # (B, C, Y, X)
+        direct = coils / (rss(coils, dim=1)[:, None] + 1e-12 * coils.abs().amax())
+        update = self.sens_refiner(direct) - direct  # the CNN's proposal, exactly 0 at init
+        sens = sens + update.unsqueeze(1)
+        return sens / torch.sqrt((sens.abs() ** 2).sum(2, keepdim=True)).clamp_min(1e-12)
 
 
 class ReconModel(nn.Module):
@@ -90,10 +109,25 @@ class ReconModel(nn.Module):
         sens = self.sensitivities(measured, mask)
         cond = self.conditioning(meta)  # (B, 6, D): one token per metadata field
         image = sense_adjoint(measured, sens)  # zero-filled, coil-combined
+        if self.config.sense_init:
+            image = self.sense_image(image, mask, sens)
         estimate = measured
         for cascade in self.unrolled():
             image, estimate = cascade(image, measured, mask, sens, cond)
+            if cascade.sens_refiner is not None:
+                sens = cascade.refine_sensitivities(estimate, sens)
+                image = sense_adjoint(estimate, sens)
         return {"image": image, "kspace": estimate, "sens": sens}
+
+    def sense_image(self, adjoint: torch.Tensor, mask: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
+        """CG-SENSE from A^H y with the model's sensitivities: `sense_init` CG iterations on
+        (A^H A + mu I) x = A^H y. Run without autograd (a fixed solver, not a learned layer: it costs
+        one forward and adjoint FFT per iteration and nothing in the backward pass); the sensitivities
+        still learn through the cascades' data consistency."""
+        with torch.no_grad():
+            s = sens.detach()
+            normal = lambda x: sense_adjoint(sense_forward(x, s, mask), s)  # noqa: E731  A^H A
+            return cg_sense(adjoint.detach(), normal, self.config.sense_mu, self.config.sense_init)
 
     @staticmethod
     def _check(kspace: torch.Tensor, mask: torch.Tensor, meta: list[dict]) -> None:

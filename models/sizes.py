@@ -47,13 +47,23 @@ class ModelConfig:
     share_weights: bool | None = None
     """One cascade's weights reused for every iteration (False: separate weights, as VarNet/SDUM)."""
     dc_mode: str | None = None
-    """Data consistency: "soft" (learned weight) or "hard" (exact replacement)."""
+    """Data consistency: "soft" (learned weight), "hard" (exact replacement) or "weighted" (soft with a
+    learned sampling-aware weight map over k-space, models/consistency.py)."""
     sens_channels: int | None = None
     """Width of the coil-sensitivity refinement CNN."""
     sens_layers: int | None = None
     """Convolutions in the coil-sensitivity refinement CNN (>= 2)."""
     conv_channels: int | None = None
     """Width of the backbone's convolutional stem and head (0: a plain ViT patch embedding and head)."""
+    sense_init: int | None = None
+    """CG iterations of the starting image: CG-SENSE with the learned sensitivities (0: zero-filled)."""
+    sense_mu: float | None = None
+    """Tikhonov weight mu of the starting CG-SENSE, (A^H A + mu I) x = A^H y, in normalised k-space units."""
+    sens_per_cascade: bool | None = None
+    """Refine the coil sensitivities after every cascade from its full-resolution estimate (SDUM's CSME)."""
+    refine_gain: float | None = None
+    """Initial scale of each cascade's residual update (0: ReZero, an untrained cascade leaves the image
+    to data consistency; with `sense_init` the untrained model is CG-SENSE)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (saves activation memory)."""
 
@@ -61,16 +71,24 @@ class ModelConfig:
 SIZES: dict[str, ModelConfig] = {
     # ~0.3M parameters: tests, CI and the 2-core demo pipeline
     "tiny": ModelConfig("tiny", dim=64, depth=2, heads=4, mlp_ratio=4.0, patch=4, cascades=3,
-                        share_weights=False, dc_mode="soft", sens_channels=8, sens_layers=3, conv_channels=8),
+                        share_weights=False, dc_mode="soft", sens_channels=8, sens_layers=3, conv_channels=8,
+                        sense_init=0, sense_mu=0.01, refine_gain=0.1,
+                        sens_per_cascade=False),
     # ~19M: CPU-trainable experiments
     "small": ModelConfig("small", dim=256, depth=6, heads=4, mlp_ratio=4.0, patch=8, cascades=4,
-                         share_weights=False, dc_mode="soft", sens_channels=16, sens_layers=3, conv_channels=0),
+                         share_weights=False, dc_mode="soft", sens_channels=16, sens_layers=3, conv_channels=0,
+                         sense_init=0, sense_mu=0.01, refine_gain=0.1,
+                        sens_per_cascade=False),
     # ~101M
     "base": ModelConfig("base", dim=512, depth=8, heads=8, mlp_ratio=4.0, patch=8, cascades=4,
-                        share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=4, conv_channels=0),
+                        share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=4, conv_channels=0,
+                        sense_init=0, sense_mu=0.01, refine_gain=0.1,
+                        sens_per_cascade=False),
     # ~1.01B: 4 cascades x 20 blocks of ViT-L width (D 1024, 16 heads of 64)
     "1b": ModelConfig("1b", dim=1024, depth=20, heads=16, mlp_ratio=4.0, patch=8, cascades=4,
-                      share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=5, conv_channels=0),
+                      share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=5, conv_channels=0,
+                      sense_init=0, sense_mu=0.01, refine_gain=0.1,
+                        sens_per_cascade=False),
 }
 
 

@@ -156,3 +156,52 @@ def test_bad_shapes_are_reported() -> None:
         model(kspace, mask[:, :2], [META])
     with pytest.raises(ValueError, match="meta has 2 entries"):
         model(kspace, mask, [META, META])
+
+
+def test_rezero_gain_makes_an_untrained_model_its_starting_image_plus_data_consistency() -> None:
+    """refine_gain = 0: every backbone is the identity at initialisation, so with hard data consistency
+    the output is the starting image's k-space with the measured samples put back, computed by hand."""
+    from models.coils import sense_adjoint, sense_forward
+
+    torch.manual_seed(0)
+    kspace, mask = _batch(1, 2, 3, 20, 18)
+    for init in (0, 6):
+        model = build_model(ModelConfig(size="tiny", refine_gain=0.0, dc_mode="hard", sense_init=init, sense_mu=0.01))
+        with torch.no_grad():
+            out = model(kspace, mask, [META])
+            sens = model.sensitivities(kspace, mask)
+            image = sense_adjoint(kspace, sens)
+            if init:
+                image = model.sense_image(image, mask, sens)
+            for _ in range(model.iterations):  # identity backbone, then hard DC, then coil combination
+                k = torch.where(mask.unsqueeze(2) > 0, kspace, sense_forward(image, sens))
+                image = sense_adjoint(k, sens)
+        torch.testing.assert_close(out["image"], image, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out["kspace"], k, atol=1e-5, rtol=1e-4)
+
+
+def test_sense_init_adds_no_parameters_and_gets_no_gradient() -> None:
+    base = build_model(ModelConfig(size="tiny", sense_init=0))
+    cg = build_model(ModelConfig(size="tiny", sense_init=5))
+    assert parameter_count(base) == parameter_count(cg)
+    kspace, mask = _batch(1, 2, 3, 20, 18)
+    out = cg(kspace, mask, [META])
+    out["image"].abs().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in cg.parameters() if p.grad is not None)
+    assert cg.sensitivities.refiner.gain.grad is not None  # the sensitivities still learn through the cascades
+
+
+def test_per_cascade_sensitivity_refinement_is_the_identity_at_init_and_learns() -> None:
+    """With `sens_per_cascade` every cascade owns a refiner whose gain starts at 0: with the other
+    weights copied over, the output equals the model without it; the refiners receive gradients."""
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(size="tiny"))
+    refined = build_model(ModelConfig(size="tiny", sens_per_cascade=True))
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".sens_refiner." in k for k in missing)
+    kspace, mask = _batch(1, 2, 3, 20, 18)
+    a, b = plain(kspace, mask, [META]), refined(kspace, mask, [META])
+    torch.testing.assert_close(b["image"], a["image"], atol=1e-5, rtol=1e-4)
+    b["image"].abs().mean().backward()
+    gains = [c.sens_refiner.gain.grad for c in refined.cascades]
+    assert all(g is not None and g.abs() > 0 for g in gains[:-1])  # the last refiner feeds no later cascade

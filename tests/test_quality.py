@@ -103,3 +103,15 @@ def test_quality_bench_runs_end_to_end_on_a_tiny_setting(quality, tmp_path: Path
     for pattern in quality.PATTERNS:
         with Image.open(tmp_path / f"quality_{pattern}.png") as im:
             assert im.size[0] >= 7 * 256 and im.size[1] >= 2 * 256  # 7 panels a row, each >= 256 px
+
+
+def test_scoring_window_centres_longer_windows_on_the_scored_frames() -> None:
+    """5-frame windows reconstruct the 3 scored cine frames (the first three, challenge.ranking) with a
+    neighbour on each side, wrapping around the periodic cardiac cycle."""
+    from bench.quality import scoring_window
+
+    window, scored = scoring_window(12, "cine_sax", 5)
+    assert window.tolist() == [11, 0, 1, 2, 3] and scored == [1, 2, 3]
+    assert [window[i] for i in scored] == [0, 1, 2]
+    window, scored = scoring_window(12, "cine_sax", 3)
+    assert window.tolist() == [0, 1, 2] and scored == [0, 1, 2]

@@ -64,12 +64,17 @@ class GpuCheckConfig:
     """internal: run one job ("peak", "flops", "step/<size>/<ckpt>/<compile>", "zero/<size>/<stage>")"""
 
 
+DRY = {"sizes": ["tiny"], "micro_batch": 1, "coils": 4, "ny": 32, "nx": 48, "steps": 1, "warmup": 1,
+       "zero_stages": [1], "compile_sizes": []}
+
+
 def dry(cfg: GpuCheckConfig) -> GpuCheckConfig:
-    """The CPU dry run: every job kind once, at a size that takes seconds."""
+    """The CPU dry run: every job kind once, at a size that takes seconds (a field set on the command
+    line, i.e. not at its GPU default, is kept)."""
     if not cfg.dry_run:
         return cfg
-    return GpuCheckConfig(**{**asdict(cfg), "sizes": ["tiny"], "micro_batch": 1, "coils": 4, "ny": 32, "nx": 48,
-                             "steps": 1, "warmup": 1, "zero_stages": [1], "compile_sizes": []})
+    gpu = asdict(GpuCheckConfig())
+    return GpuCheckConfig(**{**asdict(cfg), **{k: v for k, v in DRY.items() if getattr(cfg, k) == gpu[k]}})
 
 
 def device(cfg: GpuCheckConfig) -> str:

@@ -75,7 +75,7 @@ def rchar() -> int:
 
 def one_pass(tar: Path, cfg: WindowConfig, lazy: bool) -> tuple[float, float, int, int]:
     """(wall s, CPU s, bytes read, samples) of one eval pass."""
-    lc = LoaderConfig(shards=str(tar), mode="eval", workers=0, micro_batch=1, frames=cfg.frames, lazy_frames=lazy)
+    lc = LoaderConfig(shards=str(tar.parent / "window-*.tar"), mode="eval", workers=0, micro_batch=1, frames=cfg.frames, lazy_frames=lazy)
     r0, c0, t0 = rchar(), time.process_time(), time.perf_counter()
     n = sum(b["kspace"].shape[0] for b in make_loader(lc))
     return time.perf_counter() - t0, time.process_time() - c0, rchar() - r0, n

@@ -29,6 +29,8 @@ def test_the_plan_runs_the_shipped_1b_config_and_zero_first_and_compile_last() -
     cfg = parse_args(GpuCheckConfig, ["--set", "dry_run=true", "--set", "budget_s=100"])
     small = dry(cfg)
     assert (small.sizes, small.micro_batch, small.compile_sizes, small.budget_s) == (["tiny"], 1, [], 100.0)
+    kept = dry(parse_args(GpuCheckConfig, ["--set", "dry_run=true", "--set", "zero_stages=", "--set", "sizes=tiny,small"]))
+    assert (kept.zero_stages, kept.sizes, kept.ny) == ([], ["tiny", "small"], 32)
     # the default budget ends inside 9 minutes with the shell wrapper's margin (timeout 530 s)
     assert GpuCheckConfig().budget_s <= 480 and "timeout 530" in (ROOT / "launch" / "gpu_check.sh").read_text()
 

@@ -99,7 +99,7 @@ class QualityConfig:
     """Extra columns on each side of the ranking crop, as a fraction of its width (model context)."""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         size="tiny", dim=96, depth=3, heads=4, patch=16, cascades=4, conv_channels=16, sens_channels=8,
-        sense_init=8, sense_mu=0.003))
+        sense_init=8, sense_scope="2d", sense_mu=0.01))
     """cmrfm's architecture for every cmrfm arm (patch 16 + convolutional stem/head, CG-SENSE starting
     image: see BENCHMARKS.md and docs/design.md §7)."""
     threads: int = 0

@@ -110,7 +110,11 @@ class ReconModel(nn.Module):
         cond = self.conditioning(meta)  # (B, 6, D): one token per metadata field
         image = sense_adjoint(measured, sens)  # zero-filled, coil-combined
         if self.config.sense_init:
-            image = self.sense_image(image, mask, sens)
+            start = self.sense_image(image, mask, sens)
+            if self.config.sense_scope == "2d":  # only where the readout is undersampled too (ktRadial)
+                undersampled_2d = ~(mask == mask[..., :1]).flatten(1).all(1)  # (B,): mask varies along X
+                start = torch.where(undersampled_2d[:, None, None, None], start, image)
+            image = start
         estimate = measured
         for cascade in self.unrolled():
             image, estimate = cascade(image, measured, mask, sens, cond)

@@ -11,7 +11,8 @@ The pipeline, per worker (see `_Stream.__iter__`), is a list of stages:
     split by node (rank) -> split by worker -> [training: every epoch a fresh seeded
     permutation, forever] -> tar (seekable reads, webdataset key grouping; with a selection, meta.json
     first and unselected samples passed over unread) -> explicit .npy/.json decoding
-    (no pickle; any other member refused) -> temporal window of `frames` adjacent frames ->
+    (no pickle; any other member refused; arrays lazy: header only) -> temporal window of `frames`
+    adjacent frames (only those frames' bytes are read from the tar: shards.frames) ->
     mask (the acquired one, or drawn on the fly from the official pattern families) ->
     per-sample normalisation (shards.normalise.kspace_scale) -> bucket by shape -> tensors
 
@@ -68,7 +69,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from challenge.masks import ACCELERATIONS_2025, PATTERNS_2025, make_mask
 from shards.mix import MixPlan, MixSource, plan_mix
 from shards.normalise import kspace_scale
-from shards.sample import META_MEMBER, Sample
+from shards.frames import HEAD_BYTES, MemberRef
+from shards.sample import ARRAY_MEMBERS, META_MEMBER, Sample
 from shards.select import MAKE_SHARDS, Selection, ShardError, matches, shard_entries  # noqa: F401 (re-exported)
 
 # Backstop only: this module never calls webdataset's default decoders (which unpickle .pyd/.pkl).
@@ -103,6 +105,9 @@ class LoaderConfig:
     """most samples waiting in shape buckets before the oldest bucket leaves as a smaller batch"""
     prefetch: int = 2
     """batches prefetched per worker"""
+    lazy_frames: bool = True
+    """read only the `frames` of the window from each .npy member (shards.frames); False reads every
+    frame of a sample, as the loader did before (kept for bench/data_path.py's side-by-side P7)"""
     mix: list[MixSource] = field(default_factory=list)
     """corpora to mix ([[data.mix]] tables: shards, select, weight; shards.mix); empty: `shards` alone"""
     mix_by: list[str] = field(default_factory=list)
@@ -157,10 +162,16 @@ class ShardPlan:
 # --------------------------------------------------------------------------------------------- stages
 
 
-def _raw_samples(url: str, start: int, keep: Callable[[int, dict], bool] | None = None) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-    """(offset, key, {member: bytes}) for the samples of one tar from `start` on, grouped by key as
-    webdataset does (`<key>.<member>`, key = name up to the first dot). Members of skipped samples are
-    not read. A truncated tar raises (tarfile.TarError/OSError/EOFError) after its intact part.
+def _raw_samples(url: str, start: int, keep: Callable[[int, dict], bool] | None = None,
+                 lazy: bool = True) -> Iterator[tuple[int, str, dict[str, bytes | MemberRef]]]:
+    """(offset, key, {member: bytes | MemberRef}) for the samples of one tar from `start` on, grouped
+    by key as webdataset does (`<key>.<member>`, key = name up to the first dot). Members of skipped
+    samples are not read. A truncated tar raises (tarfile.TarError/OSError/EOFError) after its intact part.
+
+    The array members (kspace/mask/ref.npy) come as a MemberRef: their place in the tar and their
+    first bytes (the .npy header), so that `prepare` reads only the frames of its window
+    (shards.frames); the other members (meta.json, and anything the decoder will refuse) as bytes.
+    `lazy=False` reads every member whole (bytes).
 
     With `keep(offset, meta)` (selection, mixing), a sample's meta.json is read first and the sample
     is passed over (its k-space never read) unless kept; offsets still count every sample, so
@@ -176,6 +187,13 @@ def _raw_samples(url: str, start: int, keep: Callable[[int, dict], bool] | None 
             raise tarfile.ReadError(f"unexpected end of data in {info.name}")
         return data
 
+    def member(tf: tarfile.TarFile, ext: str, info: tarfile.TarInfo, end: int) -> bytes | MemberRef:
+        if not lazy or ext not in ARRAY_MEMBERS:
+            return read(tf, info)
+        if info.offset_data + info.size > end:                 # seekable reads past the end see no error
+            raise tarfile.ReadError(f"unexpected end of data in {info.name}")
+        return MemberRef(url, info.offset_data, info.size, tf.extractfile(info).read(min(info.size, HEAD_BYTES)))
+
     def wanted(tf: tarfile.TarFile, off: int, members: dict[str, tarfile.TarInfo]) -> bool:
         if keep is None or META_MEMBER not in members:
             return True
@@ -186,6 +204,7 @@ def _raw_samples(url: str, start: int, keep: Callable[[int, dict], bool] | None 
         return not isinstance(meta, dict) or keep(off, meta)
 
     with tarfile.open(url, mode="r:") as tf:
+        end = os.fstat(tf.fileobj.fileno()).st_size
         key, off, members = None, -1, {}
         for info in itertools.chain(tf, [None]):
             if info is not None and not info.isreg():
@@ -193,7 +212,7 @@ def _raw_samples(url: str, start: int, keep: Callable[[int, dict], bool] | None 
             k = None if info is None else info.name.partition(".")[0]
             if k != key:
                 if key is not None and off >= start and wanted(tf, off, members):
-                    yield off, key, {ext: read(tf, m) for ext, m in members.items()}
+                    yield off, key, {ext: member(tf, ext, m, end) for ext, m in members.items()}
                 key, off, members = k, off + 1, {}
             if info is not None and off >= start:
                 members[info.name.partition(".")[2]] = info
@@ -350,7 +369,7 @@ class _Stream:
             self.fruitless.append(url)
             start = self.next[1] if d == self.next[0] else 0
             try:
-                for off, key, files in _raw_samples(url, start, self._keep(epoch, shard)):
+                for off, key, files in _raw_samples(url, start, self._keep(epoch, shard), self.cfg.lazy_frames):
                     self.next = (d, off + 1)
                     yield (d, off), key, files
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
@@ -443,7 +462,8 @@ class _Stream:
         out: dict[tuple[int, int], dict] = {}
         for d in sorted({p[0] for p in self.pending}):
             want = sorted(p[1] for p in self.pending if p[0] == d)
-            for off, key, files in _raw_samples(self.urls[self.plan.draw(self.worker, d)[1]], want[0]):
+            for off, key, files in _raw_samples(self.urls[self.plan.draw(self.worker, d)[1]], want[0],
+                                               lazy=self.cfg.lazy_frames):
                 if off in want and (sample := self._decode_one((d, off), key, files)) is not None:
                     if (ex := self._prepare_one((d, off), sample)) is not None:
                         out[(d, off)] = ex

@@ -12,6 +12,10 @@ key (webdataset convention: ``<key>.<member>``)::
 Nothing else is ever written, and the reader refuses any other member (no pickle: .npy is read with
 allow_pickle=False). The schema version is recorded in the manifest; a reader refuses a different one.
 
+A reader may pass an array member as bytes (decoded at once) or as a `shards.frames.MemberRef` (its
+place in the tar): the array is then a `LazyNpy` whose frames are read when indexed, so the loader
+reads the 3 frames of its window and not the other 9 of a cine slice. The bytes on disk are the same.
+
 Keys (trap 16 of docs/cmrxrecon.md: centers and P### are reused across splits and tasks) are built
 from (year, split, task, set, center, scanner, patient, file stem, slice). A key is tar-safe: no dots
 (webdataset splits the member name at the first dot) and no slashes.
@@ -26,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from shards.frames import LazyNpy, MemberRef
 
 SCHEMA_VERSION = 1
 
@@ -100,6 +106,10 @@ def load_npy(data: bytes) -> np.ndarray:
     return arr.reshape(shape, order="F" if fortran else "C")
 
 
+def _array(member: bytes | MemberRef) -> np.ndarray | LazyNpy:
+    return LazyNpy(member) if isinstance(member, MemberRef) else load_npy(member)
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -115,13 +125,14 @@ def _jsonable(x: Any) -> Any:
 @dataclass
 class Sample:
     """One slice: `kspace` complex64 (T, C, Y, X), optional `mask` float32 (T|1, Y, X), optional `ref`
-    complex64 (T, C, Y, X), and `meta` (META_KEYS)."""
+    complex64 (T, C, Y, X), and `meta` (META_KEYS). A reader's arrays may be `LazyNpy` (read when
+    indexed; `np.asarray` reads all of one); a writer's are ndarrays."""
 
     key: str
-    kspace: np.ndarray
+    kspace: np.ndarray | LazyNpy
     meta: dict[str, Any]
-    mask: np.ndarray | None = None
-    ref: np.ndarray | None = None
+    mask: np.ndarray | LazyNpy | None = None
+    ref: np.ndarray | LazyNpy | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # reader-side only (e.g. __url__); never written
 
     def validate(self) -> "Sample":
@@ -155,15 +166,17 @@ class Sample:
         return files
 
     @classmethod
-    def from_files(cls, key: str, files: dict[str, bytes]) -> "Sample":
-        """Decode members explicitly (.npy without pickle, .json); any other member is refused."""
+    def from_files(cls, key: str, files: dict[str, bytes | MemberRef]) -> "Sample":
+        """Decode members explicitly (.npy without pickle, .json); any other member is refused. An
+        array member given as a MemberRef becomes a LazyNpy: its header is checked now, its frames
+        are read when indexed."""
         unknown = sorted(set(files) - set(MEMBERS))
         if unknown:
             raise SampleError(f"{key}: refused member(s) {unknown}: only {list(MEMBERS)} are decoded")
         if "kspace.npy" not in files or META_MEMBER not in files:
             raise SampleError(f"{key}: incomplete sample, members {sorted(files)}")
         try:
-            arrays = {name: load_npy(files[name]) if name in files else None for name in ARRAY_MEMBERS}
+            arrays = {name: _array(files[name]) if name in files else None for name in ARRAY_MEMBERS}
             meta = json.loads(files[META_MEMBER])
         except (ValueError, OSError, EOFError) as exc:  # bad .npy header/pickle refused, bad JSON
             raise SampleError(f"{key}: cannot decode: {exc}") from None

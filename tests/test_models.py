@@ -205,3 +205,27 @@ def test_per_cascade_sensitivity_refinement_is_the_identity_at_init_and_learns()
     b["image"].abs().mean().backward()
     gains = [c.sens_refiner.gain.grad for c in refined.cascades]
     assert all(g is not None and g.abs() > 0 for g in gains[:-1])  # the last refiner feeds no later cascade
+
+
+def test_sense_scope_2d_starts_only_2d_undersampled_samples_from_cg_sense() -> None:
+    """sense_scope = "2d": a sample whose mask is constant along the readout (Cartesian) keeps the
+    zero-filled start, a sample whose mask varies along it (radial-like) gets CG-SENSE; checked against
+    the two models with scope "all" and sense_init 0 on the same weights."""
+    torch.manual_seed(0)
+    kspace, mask = _batch(2, 2, 3, 20, 18)
+    cart = mask.clone()
+    cart[0] = (torch.rand(2, 20, 1, generator=torch.Generator().manual_seed(1)) < 0.4).float().expand(2, 20, 18)
+    cart[0, :, 7:13] = 1.0
+    kspace = kspace * cart.unsqueeze(2)
+    scoped = build_model(ModelConfig(size="tiny", sense_init=6, sense_scope="2d"))
+    everywhere = build_model(ModelConfig(size="tiny", sense_init=6, sense_scope="all"))
+    zero = build_model(ModelConfig(size="tiny", sense_init=0))
+    for other in (everywhere, zero):
+        other.load_state_dict(scoped.state_dict())
+    with torch.no_grad():
+        out = scoped(kspace, cart, [META, META])["image"]
+        torch.testing.assert_close(out[0], zero(kspace, cart, [META, META])["image"][0])
+        torch.testing.assert_close(out[1], everywhere(kspace, cart, [META, META])["image"][1])
+        assert not torch.allclose(out[1], zero(kspace, cart, [META, META])["image"][1])
+    with pytest.raises(ValueError, match="sense_scope"):
+        build_model(ModelConfig(size="tiny", sense_scope="radial"), device="meta")

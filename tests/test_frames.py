@@ -88,7 +88,6 @@ def _rchar() -> int:
     raise RuntimeError("no rchar in /proc/self/io")
 
 
-@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
 def test_a_pass_reads_the_window_not_every_frame(shard_dir: Path) -> None:
     """One eval pass over the 12-frame cine samples with a 3-frame window: the process reads well
     under half the k-space bytes of those samples (reading every frame reads all of them, 1.0x), and

@@ -110,11 +110,14 @@ class ReconModel(nn.Module):
         cond = self.conditioning(meta)  # (B, 6, D): one token per metadata field
         image = sense_adjoint(measured, sens)  # zero-filled, coil-combined
         if self.config.sense_init:
-            start = self.sense_image(image, mask, sens)
+            chosen = torch.ones(image.shape[0], dtype=torch.bool, device=image.device)
             if self.config.sense_scope == "2d":  # only where the readout is undersampled too (ktRadial)
-                undersampled_2d = ~(mask == mask[..., :1]).flatten(1).all(1)  # (B,): mask varies along X
-                start = torch.where(undersampled_2d[:, None, None, None], start, image)
-            image = start
+                chosen = ~(mask == mask[..., :1]).flatten(1).all(1)  # (B,): the mask varies along X
+            if bool(chosen.all()):
+                image = self.sense_image(image, mask, sens)
+            elif bool(chosen.any()):  # solve only the chosen samples; the others keep the zero-filled start
+                image = image.clone()
+                image[chosen] = self.sense_image(image[chosen], mask[chosen], sens[chosen])
         estimate = measured
         for cascade in self.unrolled():
             image, estimate = cascade(image, measured, mask, sens, cond)

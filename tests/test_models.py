@@ -229,3 +229,20 @@ def test_sense_scope_2d_starts_only_2d_undersampled_samples_from_cg_sense() -> N
         assert not torch.allclose(out[1], zero(kspace, cart, [META, META])["image"][1])
     with pytest.raises(ValueError, match="sense_scope"):
         build_model(ModelConfig(size="tiny", sense_scope="radial"), device="meta")
+
+
+def test_sense_scope_2d_spends_no_cg_iterations_on_a_cartesian_batch() -> None:
+    """A batch whose masks are all constant along the readout never calls the CG solve."""
+    kspace, _ = _batch(1, 2, 3, 20, 18)
+    mask = torch.zeros(1, 2, 20, 18)
+    mask[:, :, ::3] = 1.0
+    mask[:, :, 7:13] = 1.0
+    model = build_model(ModelConfig(size="tiny", sense_init=6, sense_scope="2d"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("CG-SENSE was run on a Cartesian batch")
+
+    model.sense_image = refuse
+    with torch.no_grad():
+        out = model(kspace * mask.unsqueeze(2), mask, [META])
+    assert torch.isfinite(torch.view_as_real(out["image"])).all()

@@ -27,7 +27,6 @@ import os
 import shutil
 import sys
 import tarfile
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.cli import load_config, parse_args  # noqa: E402
+from launch.outputs import work_folder  # noqa: E402
 from shards.convert import ConvertConfig, convert  # noqa: E402
 from shards.layout import find_cases  # noqa: E402
 from shards.loader import LoaderConfig, make_loader  # noqa: E402
@@ -262,12 +262,8 @@ def run(cfg: BenchConfig, work: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(BenchConfig, argv, description=__doc__.splitlines()[0])
-    if cfg.work:
-        Path(cfg.work).mkdir(parents=True, exist_ok=True)
-        run(cfg, Path(cfg.work))
-    else:
-        with tempfile.TemporaryDirectory(prefix="cmrfm-bench-") as tmp:
-            run(cfg, Path(tmp))
+    with work_folder(cfg.work, prefix="cmrfm-bench-") as work:
+        run(cfg, work)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import io
 import os
 import sys
 import tarfile
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.cli import parse_args  # noqa: E402
+from launch.outputs import work_folder  # noqa: E402
 from shards.loader import LoaderConfig, make_loader  # noqa: E402
 from shards.sample import META_KEYS, Sample  # noqa: E402
 
@@ -104,12 +104,8 @@ def run(cfg: WindowConfig, work: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(WindowConfig, argv, description=__doc__.splitlines()[0])
-    if cfg.work:
-        Path(cfg.work).mkdir(parents=True, exist_ok=True)
-        run(cfg, Path(cfg.work))
-    else:
-        with tempfile.TemporaryDirectory(prefix="cmrfm-window-") as tmp:
-            run(cfg, Path(tmp))
+    with work_folder(cfg.work, prefix="cmrfm-window-") as work:
+        run(cfg, work)
 
 
 if __name__ == "__main__":

@@ -245,3 +245,17 @@ def replaced_tree(final: str | os.PathLike, marker: str) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         publish_dir(staging, final)
+
+
+@contextmanager
+def work_folder(path: str | os.PathLike | None, prefix: str = "cmrfm-") -> Iterator[Path]:
+    """The folder a benchmark works in: `path` (created, kept afterwards, so a rerun can reuse what it
+    holds) or, when `path` is empty, a temporary folder removed at the end."""
+    if path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path)
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            yield Path(tmp)

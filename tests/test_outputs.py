@@ -95,3 +95,16 @@ def test_find_files_follows_links_once_and_reports_broken_ones(tmp_path: Path) -
         [p.relative_to(root).as_posix() for p in files] == ["b.mat", "linked/sub/a.mat"]
     assert any("gone: broken symlink" in s for s in skipped)
     assert sum("walked once" in s for s in skipped) == 2                             # the loop and the twin
+
+
+def test_work_folder_keeps_a_named_folder_and_removes_a_temporary_one(tmp_path) -> None:
+    from launch.outputs import work_folder
+
+    named = tmp_path / "a" / "b"
+    with work_folder(str(named)) as w:
+        (w / "x").write_text("kept")
+    assert (named / "x").read_text() == "kept"  # a rerun finds it
+    with work_folder("", prefix="cmrfm-test-") as w:
+        (w / "y").write_text("gone")
+        temp = w
+    assert temp.name.startswith("cmrfm-test-") and not temp.exists()

@@ -99,9 +99,9 @@ class QualityConfig:
     """Extra columns on each side of the ranking crop, as a fraction of its width (model context)."""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         size="tiny", dim=96, depth=3, heads=4, patch=16, cascades=4, conv_channels=16, sens_channels=8,
-        sense_init=8, sense_scope="2d", sense_mu=0.01))
-    """cmrfm's architecture for every cmrfm arm (patch 16 + convolutional stem/head, CG-SENSE starting
-    image: see BENCHMARKS.md and docs/design.md §7)."""
+        sens_estimate="espirit", sense_init=8, sense_scope="all", sense_mu=0.01))
+    """cmrfm's architecture for every cmrfm arm (patch 16 + convolutional stem/head, ESPIRiT sensitivities,
+    CG-SENSE starting image on every pattern: see BENCHMARKS.md and docs/design.md §7)."""
     threads: int = 0
     """torch intra-op threads (0: torch's default). 1 is ~10x faster per step on a 2-core machine that
     other processes share: OpenMP threads spin at every small op while a core is taken (measured)."""

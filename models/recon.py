@@ -1,7 +1,7 @@
 """ReconModel: an unrolled, physics-aware reconstruction network (VarNet / PromptMR+ / SDUM family).
 
     forward(kspace, mask, meta):
-        sensitivities      S  = SensitivityModel(k0, M)            ACS block -> CNN -> / RSS
+        sensitivities      S  = SensitivityModel(k0, M)            ACS block (or its ESPIRiT maps) -> CNN -> / RSS
         starting image     x  = S^H F^H M k0                      zero-filled, or with `sense_init` = n:
                            x  = CG_n[(A^H A + mu I) x = A^H k0]     CG-SENSE with the learned S
         for each cascade:  x' = Backbone(x, conditioning(meta))    transformer refinement (image domain)
@@ -80,7 +80,8 @@ class ReconModel(nn.Module):
     def __init__(self, cfg: "ModelConfig", device=None, dtype=None) -> None:
         super().__init__()
         self.config = cfg
-        self.sensitivities = SensitivityModel(cfg.sens_channels, cfg.sens_layers, device=device, dtype=dtype)
+        self.sensitivities = SensitivityModel(cfg.sens_channels, cfg.sens_layers, estimate=cfg.sens_estimate,
+                                              device=device, dtype=dtype)
         self.conditioning = Conditioning(cfg.dim, device=device, dtype=dtype)
         self.cascades = nn.ModuleList(
             Cascade(cfg, device=device, dtype=dtype) for _ in range(1 if cfg.share_weights else cfg.cascades))

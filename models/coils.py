@@ -203,4 +203,9 @@ def _espirit(acs: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     hy, hx = min(y1 - y0, ESPIRIT_MAX_CALIB) // 2, min(x1 - x0, ESPIRIT_MAX_CALIB) // 2
     calib = acs[:, cy - hy:cy - hy + 2 * hy, cx - hx:cx - hx + 2 * hx].detach()
     maps, _ = espirit_maps(calib, tuple(acs.shape[-2:]))
-    return maps
+    # ESPIRiT fixes each pixel's phase to coil 0's, so S^H y carries coil 0's phase (1.6 rad on average
+    # on the bench corpus) and the network would have to learn it. A phase per pixel is free (the
+    # SENSE model cannot see it), so take the one that makes the low-resolution coil-combined image
+    # real and positive, as the "acs" estimate's maps do implicitly.
+    combined = (maps.conj() * ifft2c(acs.detach())).sum(0)
+    return maps * torch.where(combined.abs() > 0, torch.sgn(combined), torch.ones_like(combined))

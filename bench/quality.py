@@ -312,7 +312,7 @@ def train_for(seconds: float, params: list[torch.nn.Parameter], loss_fn: Callabl
             print(f"[quality] {name}: step {steps}" + (f"/{max_steps}" if max_steps else "") + f", {elapsed:.0f}/{seconds:.0f} s, "
                   f"loss {np.mean(losses[-10:]):.4f}, {steps / max(elapsed, 1e-9):.2f} steps/s", file=sys.stderr)
     took = time.perf_counter() - t0
-    return {"steps": steps, "seconds": took, "step_s": took / max(steps, 1), "final_loss": float(np.mean(losses[-25:]))}
+    return {"steps": steps, "seconds": took, "step_s": took / max(steps, 1), "final_loss": float(np.mean(losses[-25:])) if losses else float("nan")}  # 0 s: the untrained model
 
 
 def train_supervised(model: torch.nn.Module, image_fn: Callable, sampler: ProblemSampler, cfg: QualityConfig,
@@ -334,7 +334,8 @@ def train_supervised(model: torch.nn.Module, image_fn: Callable, sampler: Proble
 
 def train_ssl(model: torch.nn.Module, sampler: ProblemSampler, cfg: QualityConfig, max_steps: int = 0) -> dict:
     """SSDU on undersampled training data: the reference (`full`) is never read (max_steps: train_for's)."""
-    objective = ObjectiveConfig()
+    # the maps from every acquired sample: the split's 8 ACS rows are too few for ESPIRiT (BENCHMARKS.md)
+    objective = ObjectiveConfig(sens_from_acquired=True)
     step = [0]
 
     def loss_fn() -> torch.Tensor:

@@ -69,6 +69,7 @@ RATES = (8, 16, 24)
 CARTESIAN = ("Uniform", "ktGaussian")  # masks constant along the readout
 ARMS = ("CG-SENSE", "L1-wavelet", "VarNet", "cmrfm scratch", "cmrfm SSL+adapters")  # zero-filled always runs
 CLASSICAL_ARMS = {"CG-SENSE", "L1-wavelet"}
+PEER_ARMS = CLASSICAL_ARMS | {"VarNet"}  # independent of cmrfm's settings: what `compare_with` may bring in
 
 
 @dataclass
@@ -126,8 +127,8 @@ class QualityConfig:
     """Training slices the classical regularisation is picked on (R 16, every pattern)."""
     figure_R: int = 16
     compare_with: str = ""
-    """results.json of an earlier run on the same corpus and problems: the arms it has and this run did
-    not run are put beside this run's (table, costs, goals), so that a change to cmrfm need not retrain
+    """results.json of an earlier run on the same corpus and problems: its peer arms (CG-SENSE,
+    L1-wavelet, VarNet) that this run did not run are put beside this run's (table, costs, goals), so that a change to cmrfm need not retrain
     VarNet and rerun the classical arms. Refused unless both runs' zero-filled scores are identical in
     every cell (the check that the problems are the same)."""
 
@@ -624,7 +625,8 @@ def with_earlier_arms(path: Path, rows: list[dict], cost: dict, timing: dict, sp
             raise SystemExit(f"bench/quality.py: compare_with {path}: its zero-filled score for {r['pattern']} "
                              f"R{r['R']} differs from this run's, so the problems differ (corpus, seed, frames "
                              "or crop); the arms cannot be put side by side")
-        names = ["zero-filled"] + [a for a in ARMS if a in r or a in old]
+        # only the peers: an earlier run's cmrfm column is another model, not a baseline
+        names = ["zero-filled"] + [a for a in ARMS if a in r or (a in old and a in PEER_ARMS)]
         merged.append({"pattern": r["pattern"], "R": r["R"]} | {a: r[a] if a in r else old[a] for a in names})
     added = [a for a in merged[0] if a not in rows[0]]
     print(f"[quality] from {path}: {', '.join(added) or 'no arm'} (zero-filled scores identical in every cell)",
@@ -695,7 +697,7 @@ def report(cfg: QualityConfig, rows: list[dict], cost: dict, timing: dict, tunin
             goals.append("- inference at the real slice size no slower than CG-SENSE: " + ", ".join(
                 f"{p} {speed[best][p]:.2f} vs {speed['CG-SENSE'][p]:.2f} s" for p in cfg.patterns))
     for method, (lam, scores) in tuning.items():
-        goals.append(f"- {method} lamda {lam:g}, picked on {cfg.tune_slices * len(cfg.patterns)} training slices: "
+        goals.append(f"- {method} lamda {lam:g}, picked on training slices (`tune_slices` per pattern): "
                      + ", ".join(f"{k:g} -> {v:.2f} dB" for k, v in scores.items()))
     goals.append(f"- figures: {', '.join(str(f) for f in figures)}")
     lines += [""] + goals + [

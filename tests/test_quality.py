@@ -120,11 +120,12 @@ def test_scoring_window_centres_longer_windows_on_the_scored_frames() -> None:
 @pytest.mark.slow
 def test_compare_with_puts_an_earlier_runs_arms_beside_and_refuses_other_problems(quality, tmp_path: Path) -> None:
     """A cmrfm-only run with `compare_with` shows the earlier run's CG-SENSE column and scores the goal
-    against it; the earlier column is copied, not recomputed. With another seed (other masks) the
+    against it; the earlier column is copied, not recomputed; the earlier cmrfm arm (another model) is
+    not brought in. With another seed (other masks) the
     zero-filled scores differ and the run is refused, naming the file: never a table of two problem sets."""
     first, second = tmp_path / "first", tmp_path / "second"
     base = ["--set", "tiny=true", "--set", "threads=1", "--set", "patterns=ktRadial"]
-    assert quality.main(base + ["--set", f"out={first}", "--set", "arms=CG-SENSE"]) == 0
+    assert quality.main(base + ["--set", f"out={first}", "--set", "arms=CG-SENSE,cmrfm SSL+adapters"]) == 0
     assert quality.main(base + ["--set", f"out={second}", "--set", f"corpus_dir={first / 'data'}",
                                 "--set", "arms=cmrfm scratch", "--set", f"compare_with={first / 'results.json'}"]) == 0
     old = json.loads((first / "results.json").read_text())["rows"]

@@ -117,13 +117,14 @@ class LabelEfficiencyConfig:
     lr_adapter: float = 3e-3
     sense_lamda: float = 1e-2
     adapt_steps: list[int] = field(default_factory=lambda: [0, 10, 30])
-    adapt_lr: float = 1e-3
+    adapt_lr: float = 1e-2
     adapt_windows: int = 8
-    adapt_variants: list[str] = field(default_factory=lambda: ["lora:r4"])
+    adapt_variants: list[str] = field(default_factory=lambda: ["lora:r16:conv", "lora:r4@1e-3"])
     """Test-time LoRA, "<variant>[@<lr>]" (`parse_adapt_variant`; lr default `adapt_lr`). The first is run on
     every set in `adapt_sets`, from (f) and from the best (a), for every N of `adapt_steps` (its default
-    is finetune.settings.AdaptConfig's: rank 4 on attn+mlp, lr 1e-3); every further one is a probe of
-    why adaptation moves or does not move the image: run on the held-out set from (f) at the largest N."""
+    is finetune.settings.AdaptConfig's: rank 16 on the conv stem and head, lr 1e-2); every further one is
+    a probe of why adaptation moves or does not move the image (default: the old default, rank 4 on
+    attn+mlp at lr 1e-3), run on the held-out set from (f) at the largest N."""
     adapt_sets: list[str] = field(default_factory=lambda: list(ADAPT_SETS))
     """Which test-time sets to adapt and score: "held-out", "unlike-coils", "unlike-matrix" (ADAPT_SETS)."""
     held_out: str = "Center012/Philips_30T_IngeniaCX"
@@ -325,11 +326,11 @@ def effective_acceleration(files: list[tuple[list, np.ndarray]]) -> float:
 def test_time(model: torch.nn.Module, files: list[tuple[list, np.ndarray]], steps: int, cfg: LabelEfficiencyConfig,
               variant: Variant | None = None, lr: float | None = None) -> tuple[torch.nn.Module, dict]:
     """Adapt `model` on the held-out files' undersampled windows only (Problem.kus / mask; `full` unread),
-    with a test-time adapter of `variant` (default: AdaptConfig's rank-4 LoRA on attn+mlp) at `lr`."""
+    with a test-time adapter of `variant` (default: AdaptConfig's rank-16 LoRA on the conv stem and head) at `lr`."""
     windows = [Window(torch.from_numpy(p.kus[None]), torch.from_numpy(p.mask[None]),
                       {**p.meta, "__key__": f"{i}:{j}"})
                for i, (probs, _) in enumerate(files) for j, p in enumerate(probs)][:cfg.adapt_windows]
-    v = variant or parse_variant("lora:r4", 4)
+    v = variant or parse_variant("lora:r16:conv", 16)
     a = AdaptConfig(steps=steps, lr=cfg.adapt_lr if lr is None else lr, windows=cfg.adapt_windows,
                     eval_every=max(steps // 3, 1), seed=cfg.seed, rank=v.rank, alpha=2.0 * v.rank,
                     layers=list(v.layers), cascades=list(v.cascades), forms=list(v.forms))

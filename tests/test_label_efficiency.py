@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_label_efficiency_and_adaptation_bench_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "le"
     args = ["tiny=true", f"out={out}", "labelled=1,all", "forms=lora,lora:r2:attn:last,lora+scale_shift:conv,scale_shift+prompt",
-            "adapt_variants=lora:r4,lora:r2:conv@1e-2"]
+            "adapt_variants=lora:r4@1e-3,lora:r2:conv@1e-2"]
     proc = subprocess.run([sys.executable, str(ROOT / "bench/label_efficiency.py")]
                           + [a for kv in args for a in ("--set", kv)], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -79,6 +79,9 @@ class QualityConfig:
     corpus_dir: str = ""
     """Where the corpus is written or reused ("" = <out>/data); ablations share one (same corpus config)."""
     seed: int = 0
+    train_seed: int = -1
+    """Seed of the training arms' initialisation and problem streams (-1: `seed`). A second training
+    seed keeps the corpus, the held-out problems and the classical arms of `seed` (see `compare_with`)."""
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     """Which arms to run besides zero-filled (ablations run "cmrfm scratch" alone)."""
     patterns: list[str] = field(default_factory=lambda: list(PATTERNS))
@@ -99,9 +102,9 @@ class QualityConfig:
     """Extra columns on each side of the ranking crop, as a fraction of its width (model context)."""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         size="tiny", dim=96, depth=3, heads=4, patch=16, cascades=4, conv_channels=16, sens_channels=8,
-        sense_init=8, sense_scope="2d", sense_mu=0.01))
-    """cmrfm's architecture for every cmrfm arm (patch 16 + convolutional stem/head, CG-SENSE starting
-    image: see BENCHMARKS.md and docs/design.md §7)."""
+        sens_estimate="espirit", sense_init=8, sense_scope="all", sense_mu=0.01))
+    """cmrfm's architecture for every cmrfm arm (patch 16 + convolutional stem/head, ESPIRiT sensitivities,
+    CG-SENSE starting image on every pattern: see BENCHMARKS.md and docs/design.md §7)."""
     threads: int = 0
     """torch intra-op threads (0: torch's default). 1 is ~10x faster per step on a 2-core machine that
     other processes share: OpenMP threads spin at every small op while a core is taken (measured)."""
@@ -122,6 +125,11 @@ class QualityConfig:
     tune_slices: int = 2
     """Training slices the classical regularisation is picked on (R 16, every pattern)."""
     figure_R: int = 16
+    compare_with: str = ""
+    """results.json of an earlier run on the same corpus and problems: the arms it has and this run did
+    not run are put beside this run's (table, costs, goals), so that a change to cmrfm need not retrain
+    VarNet and rerun the classical arms. Refused unless both runs' zero-filled scores are identical in
+    every cell (the check that the problems are the same)."""
 
 
 # ---- problems -------------------------------------------------------------------------------------
@@ -277,7 +285,7 @@ def build_varnet(cfg: QualityConfig, target_params: int) -> tuple[torch.nn.Modul
 
     best = None
     for chans in range(2, 65):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(train_seed(cfg))
         model = VarNet(num_cascades=cfg.varnet_cascades, sens_chans=cfg.varnet_sens_chans, chans=chans)
         n = parameter_count(model)
         if best is None or abs(n - target_params) < abs(best[1] - target_params):
@@ -285,6 +293,10 @@ def build_varnet(cfg: QualityConfig, target_params: int) -> tuple[torch.nn.Modul
         if n > target_params:
             break
     return best
+
+
+def train_seed(cfg: QualityConfig) -> int:
+    return cfg.seed if cfg.train_seed < 0 else cfg.train_seed
 
 
 def train_for(seconds: float, params: list[torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor], lr: float,
@@ -312,7 +324,7 @@ def train_for(seconds: float, params: list[torch.nn.Parameter], loss_fn: Callabl
             print(f"[quality] {name}: step {steps}" + (f"/{max_steps}" if max_steps else "") + f", {elapsed:.0f}/{seconds:.0f} s, "
                   f"loss {np.mean(losses[-10:]):.4f}, {steps / max(elapsed, 1e-9):.2f} steps/s", file=sys.stderr)
     took = time.perf_counter() - t0
-    return {"steps": steps, "seconds": took, "step_s": took / max(steps, 1), "final_loss": float(np.mean(losses[-25:]))}
+    return {"steps": steps, "seconds": took, "step_s": took / max(steps, 1), "final_loss": float(np.mean(losses[-25:])) if losses else float("nan")}  # 0 s: the untrained model
 
 
 def train_supervised(model: torch.nn.Module, image_fn: Callable, sampler: ProblemSampler, cfg: QualityConfig,
@@ -334,14 +346,15 @@ def train_supervised(model: torch.nn.Module, image_fn: Callable, sampler: Proble
 
 def train_ssl(model: torch.nn.Module, sampler: ProblemSampler, cfg: QualityConfig, max_steps: int = 0) -> dict:
     """SSDU on undersampled training data: the reference (`full`) is never read (max_steps: train_for's)."""
-    objective = ObjectiveConfig()
+    # the maps from every acquired sample: the split's 8 ACS rows are too few for ESPIRiT (BENCHMARKS.md)
+    objective = ObjectiveConfig(sens_from_acquired=True)
     step = [0]
 
     def loss_fn() -> torch.Tensor:
         b = sampler().batch()
         b.pop("target")
         step[0] += 1
-        return ssdu_step_loss(model, b, objective, cfg.seed, step[0])
+        return ssdu_step_loss(model, b, objective, train_seed(cfg), step[0])
 
     model.train()
     stats = train_for(cfg.pretrain_seconds, list(model.parameters()), loss_fn, cfg.lr, "cmrfm SSL pretraining",
@@ -525,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(cfg.arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"bench/quality.py: unknown arm(s) {unknown}; known: {', '.join(ARMS)} (comma-separated)")
+    if cfg.compare_with and not Path(cfg.compare_with).is_file():  # fail before hours of training, not after
+        raise SystemExit(f"bench/quality.py: compare_with {cfg.compare_with}: no such file")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -554,28 +569,28 @@ def main(argv: list[str] | None = None) -> int:
 
     if "VarNet" in cfg.arms:  # same labels, masks, loss and budget; parameter count matched to cmrfm
         varnet, n_varnet = build_varnet(cfg, n_cmrfm)
-        cost["VarNet"] = train_supervised(varnet, varnet_image, ProblemSampler(train_cases, cfg, cfg.seed + 1), cfg,
+        cost["VarNet"] = train_supervised(varnet, varnet_image, ProblemSampler(train_cases, cfg, train_seed(cfg) + 1), cfg,
                                           cfg.train_seconds, cfg.lr, "VarNet") | {"parameters": n_varnet}
         methods["VarNet"] = lambda p: varnet_image(varnet, p).numpy()
 
     if "cmrfm scratch" in cfg.arms:  # the same architecture, supervised from random init
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(train_seed(cfg))
         scratch = build_model(cfg.model)
-        cost["cmrfm scratch"] = train_supervised(scratch, cmrfm_image, ProblemSampler(train_cases, cfg, cfg.seed + 1),
+        cost["cmrfm scratch"] = train_supervised(scratch, cmrfm_image, ProblemSampler(train_cases, cfg, train_seed(cfg) + 1),
                                                  cfg, cfg.train_seconds, cfg.lr, "cmrfm scratch") | {"parameters": n_cmrfm}
         methods["cmrfm scratch"] = lambda p: cmrfm_image(scratch, p)
 
     if "cmrfm SSL+adapters" in cfg.arms:  # SSDU pretraining (no reference), then one adapter per pattern
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(train_seed(cfg))
         pretrained = build_model(cfg.model)
-        arm = cost["cmrfm SSL+adapters"] = {"pretrain": train_ssl(pretrained, ProblemSampler(train_cases, cfg, cfg.seed + 2), cfg),
+        arm = cost["cmrfm SSL+adapters"] = {"pretrain": train_ssl(pretrained, ProblemSampler(train_cases, cfg, train_seed(cfg) + 2), cfg),
                                             "parameters": n_cmrfm}
         adapted = {}
         for pattern in cfg.patterns:
             model = copy.deepcopy(pretrained)
             add_adapters(model, cfg.adapter_rank, 2.0 * cfg.adapter_rank, cfg.adapter_targets)
             params = adapter_parameters(model)
-            arm[pattern] = train_supervised(model, cmrfm_image, ProblemSampler(train_cases, cfg, cfg.seed + 3, (pattern,)),
+            arm[pattern] = train_supervised(model, cmrfm_image, ProblemSampler(train_cases, cfg, train_seed(cfg) + 3, (pattern,)),
                                             cfg, cfg.adapter_seconds, cfg.lr_adapter, f"adapter {pattern}", params)
             arm["trainable"] = sum(p.numel() for p in params)
             merge_adapters(model)
@@ -587,8 +602,40 @@ def main(argv: list[str] | None = None) -> int:
     figures = write_figures(keep, out, list(methods), cfg.figure_R)
     real_size = (4, 48, 96) if cfg.tiny else (10, 246, 512)
     speed = inference_timing(methods, cfg, real_size)
+    if cfg.compare_with:
+        rows, cost, timing, speed, tuning = with_earlier_arms(Path(cfg.compare_with), rows, cost, timing, speed, tuning)
     report(cfg, rows, cost, timing, tuning, figures, time.perf_counter() - t_all, out, eval_cases, speed, real_size)
     return 0
+
+
+def with_earlier_arms(path: Path, rows: list[dict], cost: dict, timing: dict, speed: dict,
+                      tuning: dict) -> tuple[list[dict], dict, dict, dict, dict]:
+    """This run's results with the arms of an earlier run (`compare_with`) that this one did not run,
+    columns in the bench's arm order; SystemExit if the two runs did not score the same problems."""
+    try:
+        earlier = json.loads(path.read_text())
+        old_rows = {(r["pattern"], r["R"]): r for r in earlier["rows"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"bench/quality.py: compare_with {path}: not a results.json of this bench ({e})")
+    merged = []
+    for r in rows:
+        old = old_rows.get((r["pattern"], r["R"]))
+        if old is None or old.get("zero-filled") != r["zero-filled"]:
+            raise SystemExit(f"bench/quality.py: compare_with {path}: its zero-filled score for {r['pattern']} "
+                             f"R{r['R']} differs from this run's, so the problems differ (corpus, seed, frames "
+                             "or crop); the arms cannot be put side by side")
+        names = ["zero-filled"] + [a for a in ARMS if a in r or a in old]
+        merged.append({"pattern": r["pattern"], "R": r["R"]} | {a: r[a] if a in r else old[a] for a in names})
+    added = [a for a in merged[0] if a not in rows[0]]
+    print(f"[quality] from {path}: {', '.join(added) or 'no arm'} (zero-filled scores identical in every cell)",
+          file=sys.stderr)
+    cost = {a: earlier["cost"][a] for a in added if a in earlier.get("cost", {})} | cost
+    timing = {a: [earlier["timing_s_per_slice"][a]] for a in added} | timing
+    speed = {a: earlier["inference_real_size"]["seconds"][a] for a in added} | speed
+    method = {"CG-SENSE": "sense", "L1-wavelet": "l1_wavelet"}
+    tuning = {method[a]: (earlier["tuning"][method[a]][0], {float(k): v for k, v in earlier["tuning"][method[a]][1].items()})
+              for a in added if method.get(a) in earlier.get("tuning", {})} | tuning
+    return merged, cost, timing, speed, tuning
 
 
 def report(cfg: QualityConfig, rows: list[dict], cost: dict, timing: dict, tuning: dict, figures: list[Path],
@@ -652,7 +699,7 @@ def report(cfg: QualityConfig, rows: list[dict], cost: dict, timing: dict, tunin
                      + ", ".join(f"{k:g} -> {v:.2f} dB" for k, v in scores.items()))
     goals.append(f"- figures: {', '.join(str(f) for f in figures)}")
     lines += [""] + goals + [
-              f"\nSeed {cfg.seed}; model {dataclasses.asdict(cfg.model)}; crop_readout {cfg.crop_readout}; "
+              f"\nSeed {cfg.seed} (training seed {train_seed(cfg)}); model {dataclasses.asdict(cfg.model)}; crop_readout {cfg.crop_readout}; "
               f"total {total_s / 60:.1f} min on this machine.",
               f"Command: python bench/quality.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}".rstrip()]
     text = "\n".join(lines)

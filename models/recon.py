@@ -1,7 +1,7 @@
 """ReconModel: an unrolled, physics-aware reconstruction network (VarNet / PromptMR+ / SDUM family).
 
     forward(kspace, mask, meta):
-        sensitivities      S  = SensitivityModel(k0, M)            ACS block -> CNN -> / RSS
+        sensitivities      S  = SensitivityModel(k0, M)            ACS block (or its ESPIRiT maps) -> CNN -> / RSS
         starting image     x  = S^H F^H M k0                      zero-filled, or with `sense_init` = n:
                            x  = CG_n[(A^H A + mu I) x = A^H k0]     CG-SENSE with the learned S
         for each cascade:  x' = Backbone(x, conditioning(meta))    transformer refinement (image domain)
@@ -80,7 +80,8 @@ class ReconModel(nn.Module):
     def __init__(self, cfg: "ModelConfig", device=None, dtype=None) -> None:
         super().__init__()
         self.config = cfg
-        self.sensitivities = SensitivityModel(cfg.sens_channels, cfg.sens_layers, device=device, dtype=dtype)
+        self.sensitivities = SensitivityModel(cfg.sens_channels, cfg.sens_layers, estimate=cfg.sens_estimate,
+                                              device=device, dtype=dtype)
         self.conditioning = Conditioning(cfg.dim, device=device, dtype=dtype)
         self.cascades = nn.ModuleList(
             Cascade(cfg, device=device, dtype=dtype) for _ in range(1 if cfg.share_weights else cfg.cascades))
@@ -91,13 +92,17 @@ class ReconModel(nn.Module):
         for i in range(self.iterations):
             yield self.cascades[i % len(self.cascades)]
 
-    def forward(self, kspace: torch.Tensor, mask: torch.Tensor, meta: list[dict]) -> dict[str, torch.Tensor]:
+    def forward(self, kspace: torch.Tensor, mask: torch.Tensor, meta: list[dict],
+                calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Reconstruct a batch of undersampled multi-coil slices.
 
         Args:
             kspace: complex64 (B, T, C, Y, X), the acquired k-space (values off the mask are ignored).
             mask: float32 (B, T, Y, X), 1 where acquired.
             meta: B dicts with (some of) modality, view, pattern, R, vendor, field_T.
+            calibration: (kspace, mask) the sensitivities are estimated from instead (same shapes).
+                SSDU passes the whole acquired set here: its loss split takes samples out of the ACS
+                block, which leaves ESPIRiT an 8-row block to calibrate on (pretrain/objective.py).
         Returns:
             image: complex64 (B, T, Y, X), coil-combined reconstruction.
             kspace: complex64 (B, T, C, Y, X), the last cascade's multi-coil k-space after data
@@ -106,7 +111,12 @@ class ReconModel(nn.Module):
         """
         self._check(kspace, mask, meta)
         measured = kspace.to(torch.complex64) * mask.unsqueeze(2)
-        sens = self.sensitivities(measured, mask)
+        if calibration is None:
+            sens = self.sensitivities(measured, mask)
+        else:
+            cal_k, cal_m = calibration
+            self._check(cal_k, cal_m, meta)
+            sens = self.sensitivities(cal_k.to(torch.complex64) * cal_m.unsqueeze(2), cal_m)
         cond = self.conditioning(meta)  # (B, 6, D): one token per metadata field
         image = sense_adjoint(measured, sens)  # zero-filled, coil-combined
         if self.config.sense_init:

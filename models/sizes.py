@@ -53,6 +53,9 @@ class ModelConfig:
     """Width of the coil-sensitivity refinement CNN."""
     sens_layers: int | None = None
     """Convolutions in the coil-sensitivity refinement CNN (>= 2)."""
+    sens_estimate: str | None = None
+    """What the sensitivity CNN refines: "acs" (the ACS block's low-resolution coil images divided by
+    their RSS, VarNet) or "espirit" (ESPIRiT maps of the ACS block, models/espirit.py)."""
     conv_channels: int | None = None
     """Width of the backbone's convolutional stem and head (0: a plain ViT patch embedding and head)."""
     sense_init: int | None = None
@@ -75,22 +78,22 @@ class ModelConfig:
 SIZES: dict[str, ModelConfig] = {
     # ~0.3M parameters: tests, CI and the 2-core demo pipeline
     "tiny": ModelConfig("tiny", dim=64, depth=2, heads=4, mlp_ratio=4.0, patch=4, cascades=3,
-                        share_weights=False, dc_mode="soft", sens_channels=8, sens_layers=3, conv_channels=8,
+                        share_weights=False, dc_mode="soft", sens_channels=8, sens_layers=3, sens_estimate="acs", conv_channels=8,
                         sense_init=0, sense_scope="2d", sense_mu=0.01, refine_gain=0.1,
                         sens_per_cascade=False),
     # ~19M: CPU-trainable experiments
     "small": ModelConfig("small", dim=256, depth=6, heads=4, mlp_ratio=4.0, patch=8, cascades=4,
-                         share_weights=False, dc_mode="soft", sens_channels=16, sens_layers=3, conv_channels=0,
+                         share_weights=False, dc_mode="soft", sens_channels=16, sens_layers=3, sens_estimate="acs", conv_channels=0,
                          sense_init=0, sense_scope="2d", sense_mu=0.01, refine_gain=0.1,
                         sens_per_cascade=False),
     # ~101M
     "base": ModelConfig("base", dim=512, depth=8, heads=8, mlp_ratio=4.0, patch=8, cascades=4,
-                        share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=4, conv_channels=0,
+                        share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=4, sens_estimate="acs", conv_channels=0,
                         sense_init=0, sense_scope="2d", sense_mu=0.01, refine_gain=0.1,
                         sens_per_cascade=False),
     # ~1.01B: 4 cascades x 20 blocks of ViT-L width (D 1024, 16 heads of 64)
     "1b": ModelConfig("1b", dim=1024, depth=20, heads=16, mlp_ratio=4.0, patch=8, cascades=4,
-                      share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=5, conv_channels=0,
+                      share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=5, sens_estimate="acs", conv_channels=0,
                       sense_init=0, sense_scope="2d", sense_mu=0.01, refine_gain=0.1,
                         sens_per_cascade=False),
 }

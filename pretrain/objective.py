@@ -57,6 +57,11 @@ class ObjectiveConfig:
     """Keep at most this many ACS rows around the centre (0 = the whole ACS). A full 20-24-row ACS would
     take the highest-energy samples out of every loss set, and all of a small matrix; SSDU's reference
     code keeps only a small central block."""
+    sens_from_acquired: bool = False
+    """Estimate the coil sensitivities from every acquired sample (Omega), not from the input set Theta
+    (standard SSDU practice: the maps come from the full calibration data, only data consistency
+    sees Theta). Needed with `model.sens_estimate = "espirit"`: Theta keeps at most `acs_max_rows` ACS
+    rows, too few for ESPIRiT's 6 x 6 kernels (the bench's SSL arm collapsed by 3 dB without it)."""
     splits: int = 1
     """Independent Θ/Λ splits per sample (multi-mask SSDU); the batch is repeated this many times."""
     l1_weight: float = 1.0
@@ -191,5 +196,6 @@ def ssdu_step_loss(model: Callable[..., dict], batch: dict, cfg: ObjectiveConfig
     gens = [torch.Generator().manual_seed(sample_seed(seed, step, keys[i % len(keys)], i // len(keys)))
             for i in range(kspace.shape[0])]
     split = split_mask(omega, cfg, gens)
-    out = model(kspace * split.theta[:, :, None].to(kspace.real.dtype), split.theta, meta)
+    calibration = {"calibration": (kspace, omega)} if cfg.sens_from_acquired else {}
+    out = model(kspace * split.theta[:, :, None].to(kspace.real.dtype), split.theta, meta, **calibration)
     return ssdu_loss(out["kspace"], kspace, split.lam, cfg.l1_weight)

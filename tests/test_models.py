@@ -246,3 +246,22 @@ def test_sense_scope_2d_spends_no_cg_iterations_on_a_cartesian_batch() -> None:
     with torch.no_grad():
         out = model(kspace * mask.unsqueeze(2), mask, [META])
     assert torch.isfinite(torch.view_as_real(out["image"])).all()
+
+
+def test_calibration_input_sets_the_sensitivities_only() -> None:
+    """`calibration=(k, M)` makes the model estimate its sensitivities from (k, M), exactly what
+    `model.sensitivities` gives on them, while data consistency still uses the input mask."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="tiny")).eval()
+    k = torch.randn(1, 2, 3, 24, 20, dtype=torch.complex64)
+    full = torch.zeros(1, 2, 24, 20)
+    full[:, :, ::2] = 1.0
+    full[:, :, 8:16] = 1.0
+    theta = full.clone()
+    theta[:, :, 9:15] = 0.0  # the input set lost most of the calibration rows
+    with torch.no_grad():
+        out = model(k * theta.unsqueeze(2), theta, [{}], calibration=(k, full))
+        expected = model.sensitivities(k * full.unsqueeze(2), full)
+        plain = model(k * theta.unsqueeze(2), theta, [{}])
+    torch.testing.assert_close(out["sens"], expected)
+    assert not torch.allclose(plain["sens"], expected)

@@ -110,3 +110,25 @@ def test_the_model_sees_only_theta_on_retrospective_and_acquired_data(acquired_o
     swapped = {"kspace": k.flip(0), "mask": omega.flip(0), "meta": batch["meta"][::-1]}
     ssdu_step_loss(model, swapped, ObjectiveConfig(splits=2), seed=0, step=3)
     assert torch.equal(model.seen[1][:2].flip(0), seen_mask[:2])
+
+
+class CalibrationRecorder(torch.nn.Module):
+    def forward(self, kspace, mask, meta, calibration=None):
+        self.seen = (kspace, mask, calibration)
+        return {"kspace": torch.zeros_like(kspace), "image": kspace[:, :, 0]}
+
+
+def test_sens_from_acquired_passes_omega_for_calibration_and_theta_as_input() -> None:
+    """With `sens_from_acquired` the model still sees only Θ as its input, and gets the whole acquired
+    set Ω (k-space and mask) for its sensitivity estimate; without it, no calibration is passed."""
+    g = torch.Generator().manual_seed(2)
+    omega = cartesian_mask()
+    k = torch.randn(2, 3, 4, 40, 24, dtype=torch.complex64, generator=g) * omega[:, :, None]
+    batch = {"kspace": k, "mask": omega, "meta": [{"__key__": "a"}, {"__key__": "b"}]}
+    model = CalibrationRecorder()
+    ssdu_step_loss(model, batch, ObjectiveConfig(sens_from_acquired=True), seed=0, step=1)
+    seen_k, seen_mask, (cal_k, cal_m) = model.seen
+    assert torch.equal(cal_m, omega) and torch.equal(cal_k, k)
+    assert seen_mask.sum() < omega.sum() and (seen_k.abs().sum(2)[seen_mask == 0] == 0).all()
+    ssdu_step_loss(model, batch, ObjectiveConfig(), seed=0, step=1)
+    assert model.seen[2] is None

@@ -115,3 +115,29 @@ def test_scoring_window_centres_longer_windows_on_the_scored_frames() -> None:
     assert [window[i] for i in scored] == [0, 1, 2]
     window, scored = scoring_window(12, "cine_sax", 3)
     assert window.tolist() == [0, 1, 2] and scored == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_compare_with_puts_an_earlier_runs_arms_beside_and_refuses_other_problems(quality, tmp_path: Path) -> None:
+    """A cmrfm-only run with `compare_with` shows the earlier run's CG-SENSE column and scores the goal
+    against it; the earlier column is copied, not recomputed. With another seed (other masks) the
+    zero-filled scores differ and the run is refused, naming the file: never a table of two problem sets."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = ["--set", "tiny=true", "--set", "threads=1", "--set", "patterns=ktRadial"]
+    assert quality.main(base + ["--set", f"out={first}", "--set", "arms=CG-SENSE"]) == 0
+    assert quality.main(base + ["--set", f"out={second}", "--set", f"corpus_dir={first / 'data'}",
+                                "--set", "arms=cmrfm scratch", "--set", f"compare_with={first / 'results.json'}"]) == 0
+    old = json.loads((first / "results.json").read_text())["rows"]
+    new = json.loads((second / "results.json").read_text())["rows"]
+    assert [list(r) for r in new] == [["pattern", "R", "zero-filled", "CG-SENSE", "cmrfm scratch"]] * len(new)
+    assert [r["CG-SENSE"] for r in new] == [r["CG-SENSE"] for r in old]
+    table = (second / "quality.md").read_text()
+    assert "ahead of CG-SENSE in PSNR and SSIM" in table and "sense lamda" in table
+    with pytest.raises(SystemExit, match="results.json.*differs"):
+        quality.main(base + ["--set", f"out={tmp_path / 'third'}", "--set", "seed=1", "--set", "arms=cmrfm scratch",
+                             "--set", f"compare_with={first / 'results.json'}"])
+
+
+def test_train_seed_defaults_to_the_corpus_seed(quality) -> None:
+    assert quality.train_seed(quality.QualityConfig(seed=4)) == 4
+    assert quality.train_seed(quality.QualityConfig(seed=4, train_seed=1)) == 1

@@ -56,6 +56,7 @@ if __package__ in (None, ""):  # run as a script from any directory
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from challenge.metrics import score_file
 from challenge.ranking import crop_selected, img4ranking_from_kspace, select_frames, select_slices
@@ -116,8 +117,16 @@ class LabelEfficiencyConfig:
     lr_adapter: float = 3e-3
     sense_lamda: float = 1e-2
     adapt_steps: list[int] = field(default_factory=lambda: [0, 10, 30])
-    adapt_lr: float = 1e-3
+    adapt_lr: float = 1e-2
     adapt_windows: int = 8
+    adapt_variants: list[str] = field(default_factory=lambda: ["lora:r16:conv", "lora:r4@1e-3"])
+    """Test-time LoRA, "<variant>[@<lr>]" (`parse_adapt_variant`; lr default `adapt_lr`). The first is run on
+    every set in `adapt_sets`, from (f) and from the best (a), for every N of `adapt_steps` (its default
+    is finetune.settings.AdaptConfig's: rank 16 on the conv stem and head, lr 1e-2); every further one is
+    a probe of why adaptation moves or does not move the image (default: the old default, rank 4 on
+    attn+mlp at lr 1e-3), run on the held-out set from (f) at the largest N."""
+    adapt_sets: list[str] = field(default_factory=lambda: list(ADAPT_SETS))
+    """Which test-time sets to adapt and score: "held-out", "unlike-coils", "unlike-matrix" (ADAPT_SETS)."""
     held_out: str = "Center012/Philips_30T_IngeniaCX"
     unlike_coils: int = 4
     unlike_scale: float = 1e4
@@ -137,11 +146,16 @@ class LabelEfficiencyConfig:
         size="tiny", dim=96, depth=3, heads=4, patch=16, cascades=4, conv_channels=16, sens_channels=8))
 
 
-#: the default ablation: rank 1/4/8/16 on attn+mlp; attn / mlp / last cascade / + conv stem and head at
-#: rank 8; LoRA with scale-shift and prompt; scale-shift + prompt alone
-ABLATION = ("lora", "lora:r1", "lora:r4", "lora:r16", "lora:attn", "lora:mlp", "lora:last", "lora:attn+mlp+conv",
-            "lora+scale_shift", "lora+prompt", "lora+scale_shift+prompt", "scale_shift+prompt",
-            "lora+prompt:r4:last")
+#: the default ablation. First (the label-efficiency arm (a)): rank-16 LoRA on the convolutional stem and
+#: head only, the form that met the 1% budget in the second pass (BENCHMARKS.md: 0.71% of the
+#: parameters); then conv at rank 8, the old default (rank 8 on attn+mlp), rank 1/4/16 on attn+mlp,
+#: attn / mlp / last cascade / + conv at rank 8; LoRA with scale-shift and prompt; scale-shift + prompt alone
+ABLATION = ("lora:r16:conv", "lora:conv", "lora", "lora:r1", "lora:r4", "lora:r16", "lora:attn", "lora:mlp",
+            "lora:last", "lora:attn+mlp+conv", "lora+scale_shift", "lora+prompt", "lora+scale_shift+prompt",
+            "scale_shift+prompt", "lora+prompt:r4:last")
+#: test-time adaptation sets: the held-out scanner; its files cut to `unlike_coils` coils with k-space x
+#: `unlike_scale`; the second held-out vendor with unlike matrices (`unlike_scanner`)
+ADAPT_SETS = ("held-out", "unlike-coils", "unlike-matrix")
 
 
 @dataclass(frozen=True)
@@ -188,6 +202,19 @@ def parse_variant(spec: str, default_rank: int) -> Variant:
     except ValueError as exc:
         raise SystemExit(f"bench/label_efficiency.py: adapter variant {spec!r}: {exc}") from None
     return Variant(spec, forms, rank, layers, cascades)
+
+
+def parse_adapt_variant(spec: str, default_rank: int, default_lr: float) -> tuple[Variant, float]:
+    """"<variant>[@<lr>]" -> (Variant, lr), e.g. "lora:r16:conv@1e-2" (errors name the spec)."""
+    variant, _, lr_s = spec.partition("@")
+    try:
+        lr = float(lr_s) if lr_s else default_lr
+    except ValueError:
+        raise SystemExit(f"bench/label_efficiency.py: test-time variant {spec!r}: learning rate {lr_s!r} is not a number") from None
+    v = parse_variant(variant, default_rank)
+    if not lr > 0:
+        raise SystemExit(f"bench/label_efficiency.py: test-time variant {spec!r}: learning rate must be > 0")
+    return v, lr
 
 
 def quality_config(cfg: LabelEfficiencyConfig) -> "Q.QualityConfig":
@@ -296,18 +323,22 @@ def effective_acceleration(files: list[tuple[list, np.ndarray]]) -> float:
     return float(np.mean([1.0 / p.mask.mean() for probs, _ in files for p in probs]))
 
 
-def test_time(model: torch.nn.Module, files: list[tuple[list, np.ndarray]], steps: int, cfg: LabelEfficiencyConfig
-              ) -> tuple[torch.nn.Module, dict]:
-    """Adapt `model` on the held-out files' undersampled windows only (Problem.kus / mask; `full` unread)."""
+def test_time(model: torch.nn.Module, files: list[tuple[list, np.ndarray]], steps: int, cfg: LabelEfficiencyConfig,
+              variant: Variant | None = None, lr: float | None = None) -> tuple[torch.nn.Module, dict]:
+    """Adapt `model` on the held-out files' undersampled windows only (Problem.kus / mask; `full` unread),
+    with a test-time adapter of `variant` (default: AdaptConfig's rank-16 LoRA on the conv stem and head) at `lr`."""
     windows = [Window(torch.from_numpy(p.kus[None]), torch.from_numpy(p.mask[None]),
                       {**p.meta, "__key__": f"{i}:{j}"})
                for i, (probs, _) in enumerate(files) for j, p in enumerate(probs)][:cfg.adapt_windows]
-    a = AdaptConfig(steps=steps, lr=cfg.adapt_lr, windows=cfg.adapt_windows, eval_every=max(steps // 3, 1),
-                    seed=cfg.seed)
+    v = variant or parse_variant("lora:r16:conv", 16)
+    a = AdaptConfig(steps=steps, lr=cfg.adapt_lr if lr is None else lr, windows=cfg.adapt_windows,
+                    eval_every=max(steps // 3, 1), seed=cfg.seed, rank=v.rank, alpha=2.0 * v.rank,
+                    layers=list(v.layers), cascades=list(v.cascades), forms=list(v.forms))
     adapted, result = adapt_model(model, windows, a, torch.device("cpu"),
                                   lambda m: print(f"[label_efficiency] adapt: {m}", file=sys.stderr))
+    trainable = sum(p.numel() for p in adapter_parameters(adapted))  # counted before the merge folds them in
     merge_adapters(adapted)
-    return adapted.eval(), dataclasses.asdict(result)
+    return adapted.eval(), dataclasses.asdict(result) | {"trainable": trainable}
 
 
 # ---- main -----------------------------------------------------------------------------------------
@@ -327,6 +358,11 @@ def run(cfg: LabelEfficiencyConfig) -> dict:
                                   model=dataclasses.replace(cfg.model, dim=32, depth=1, heads=2, cascades=2,
                                                             conv_channels=4, patch=4))
     variants = [parse_variant(v, cfg.adapter_rank) for v in cfg.forms]
+    adapt_variants = [parse_adapt_variant(v, 4, cfg.adapt_lr) for v in cfg.adapt_variants]
+    bad_sets = sorted(set(cfg.adapt_sets) - set(ADAPT_SETS))
+    if bad_sets or not adapt_variants:
+        raise SystemExit(f"bench/label_efficiency.py: adapt_sets {bad_sets} not among {list(ADAPT_SETS)}, or "
+                         f"adapt_variants empty ({cfg.adapt_variants})")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -339,6 +375,9 @@ def run(cfg: LabelEfficiencyConfig) -> dict:
     torch.manual_seed(cfg.seed)
     pretrained = build_model(cfg.model)
     ssl = Q.train_ssl(pretrained, Q.ProblemSampler(train_cases, qc, cfg.seed + 2), qc, cfg.pretrain_steps)
+    # the SSL backbone (f), kept so test-time adaptation can be probed again without pretraining anew
+    state = {k: v.detach().contiguous() for k, v in pretrained.state_dict().items()}
+    write_atomic(out / "pretrained.safetensors", lambda path: save_file(state, str(path)))
     results: dict = {"parameters": n_params, "pretrain": ssl, "patterns": {},
                      "matrices": {"training": matrix_summary(train_cases), "held-out": matrix_summary(eval_cases),
                                   cfg.unlike_scanner: matrix_summary(matrix_cases)}}
@@ -376,21 +415,35 @@ def run(cfg: LabelEfficiencyConfig) -> dict:
         m = results["matrices"][cfg.unlike_scanner]
         matrix_name = f"{cfg.unlike_scanner}, {m['ny'][0]}-{m['ny'][1]} x {m['nx'][0]}-{m['nx'][1]}, " \
                       f"{'/'.join(map(str, m['coils']))} coils"
-        sets = (("held-out", files), (unlike_name, eval_problems(unlike, pattern, cfg.R, qc)),
-                (matrix_name, eval_problems(matrix_cases, pattern, cfg.R, qc)))
+        sets = [(name, fset()) for key, name, fset in (
+            ("held-out", "held-out", lambda: files),
+            ("unlike-coils", unlike_name, lambda: eval_problems(unlike, pattern, cfg.R, qc)),
+            ("unlike-matrix", matrix_name, lambda: eval_problems(matrix_cases, pattern, cfg.R, qc)))
+            if key in cfg.adapt_sets]
+        (main_variant, main_lr), probes = adapt_variants[0], adapt_variants[1:]
         for set_name, fset in sets:
             res["sets"][set_name] = {"R_eff": effective_acceleration(fset)} | ({
                 "zero-filled": res["zero-filled"], "CG-SENSE": res["CG-SENSE"]} if fset is files else {
                 "zero-filled": score(lambda p: Q.classical_image("zero_filled", p), fset),
                 "CG-SENSE": score(lambda p: Q.classical_image("sense", p, cfg.sense_lamda), fset)})
             for start, base in (("pretrained", pretrained), ("best adapter", best_adapter)):
-                for steps in cfg.adapt_steps:
+                runs = [(steps, main_variant, main_lr) for steps in cfg.adapt_steps]
+                if set_name == "held-out" and start == "pretrained":  # the probes: why it moves or does not
+                    runs += [(max(cfg.adapt_steps), v, lr) for v, lr in probes if max(cfg.adapt_steps) > 0]
+                for steps, v, lr in runs:
                     t0 = time.perf_counter()
-                    model, info = test_time(base, fset, steps, cfg) if steps else (base, {"status": "none"})
+                    model, info = test_time(base, fset, steps, cfg, v, lr) if steps else (base, {"status": "none"})
                     took = time.perf_counter() - t0
-                    res["test_time"].append({"set": set_name, "start": start, "steps": steps,
-                                             "adapt_s_per_file": took / len(fset), "status": info["status"],
-                                             **score(lambda p: Q.cmrfm_image(model, p), fset)})
+                    curve = info.get("heldout", [])
+                    res["test_time"].append({
+                        "set": set_name, "start": start, "steps": steps, "variant": v.spec, "lr": lr,
+                        "adapt_s_per_file": took / len(fset), "status": info["status"],
+                        "trainable": info.get("trainable", 0),
+                        # the guard's held-out SSDU loss before the first step and at the kept weights
+                        "ssdu_before": curve[0][1] if curve else None,
+                        "ssdu_best": min(c[1] for c in curve) if curve else None,
+                        "best_step": info.get("best_step", 0),
+                        **score(lambda p: Q.cmrfm_image(model, p), fset)})
                     save_partial(results, cfg, out)
         # the ablation after test-time adaptation: a run stopped midway (save_partial) still has both
         for v in variants:  # on every labelled file, first seed
@@ -465,10 +518,18 @@ def report(results: dict, cfg: LabelEfficiencyConfig, n_params: int) -> str:
         lines += [f"- {name}: zero-filled {v['zero-filled']['psnr']:.2f} / {v['zero-filled']['ssim']:.4f}, CG-SENSE "
                   f"{v['CG-SENSE']['psnr']:.2f} / {v['CG-SENSE']['ssim']:.4f}, {v['R_eff']:.1f}x"
                   for name, v in res["sets"].items()]
-        lines += ["", "| evaluated on | test-time adaptation from | N steps | PSNR / SSIM | adaptation s per file | guard |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['set']} | {r['start']} | {r['steps']} | {r['psnr']:.2f} / {r['ssim']:.4f} | "
-                  f"{r['adapt_s_per_file']:.1f} | {r['status']} |" for r in res["test_time"]]
+        lines += ["", "| evaluated on | test-time adaptation from | adapter | N steps | PSNR / SSIM | dB vs N = 0 | held-out SSDU "
+                  "loss: before -> kept (step) | adaptation s per file | guard |", "|---|---|---|---|---|---|---|---|---|"]
+        unadapted = {(r["set"], r["start"]): r["psnr"] for r in res["test_time"] if r["steps"] == 0}
+        for r in res["test_time"]:
+            adapter = "-" if not r["steps"] else \
+                f"`{r.get('variant', 'lora:r4')}` lr {r.get('lr', cfg.adapt_lr):g} ({r.get('trainable', 0):,})"
+            ssdu = "-" if r.get("ssdu_before") is None else \
+                f"{r['ssdu_before']:.5f} -> {r['ssdu_best']:.5f} ({r['best_step']})"
+            base = unadapted.get((r["set"], r["start"]))
+            delta = "-" if base is None or not r["steps"] else f"{r['psnr'] - base:+.2f}"
+            lines.append(f"| {r['set']} | {r['start']} | {adapter} | {r['steps']} | {r['psnr']:.2f} / {r['ssim']:.4f} | "
+                         f"{delta} | {ssdu} | {r['adapt_s_per_file']:.1f} | {r['status']} |")
     lines += ["", f"Seeds {cfg.seeds}; total {results['minutes']:.1f} min; {torch.get_num_threads()} thread(s).",
               f"Command: {results['command']}"]
     return "\n".join(lines)

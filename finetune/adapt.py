@@ -42,8 +42,8 @@ import torch
 from challenge.submission import parse_kus_path
 from finetune.reconstruct import ModelBank, file_meta, load_pair, window_frames
 from finetune.settings import AdaptConfig, ReconstructConfig
-from models.adapters import adapter_parameters, add_adapters, adapter_state_dict, load_adapter_state_dict, \
-    merge_adapters, save_adapter, targets_for
+from models.adapters import adapter_parameters, add_adapters, adapter_state_dict, layer_regex, \
+    load_adapter_state_dict, merge_adapters, save_adapter, select_targets, targets_for
 from models.recon import ReconModel
 from pretrain.objective import ssdu_step_loss
 from shards.normalise import kspace_scale
@@ -136,6 +136,9 @@ def adapt_model(base: ReconModel, windows: list[Window], cfg: AdaptConfig, devic
     """
     model = copy.deepcopy(base)
     torch.manual_seed(cfg.seed)
+    if "conv" in cfg.layers and not select_targets(model, layer_regex(["conv"])):
+        raise ValueError(f"adapt.layers = {cfg.layers}: this backbone has no convolutional stem or head "
+                         "(model.conv_channels = 0), so the 'conv' group adapts nothing; set adapt.layers (e.g. attn,mlp)")
     add_adapters(model, cfg.rank, cfg.alpha, targets_for(cfg.targets, cfg.layers), forms=cfg.forms,
                  cascades=cfg.cascades)
     n_held = max(1, round(cfg.holdout * len(windows))) if len(windows) > 1 else 0
@@ -227,7 +230,8 @@ class TestTimeAdapter:
             return base, None
         try:
             model, result = adapt_model(base, windows, a, self.bank.device, say)
-        except RuntimeError as exc:  # a shape the network cannot take: reconstruct names the files
+        except (RuntimeError, ValueError) as exc:  # a shape the network cannot take, or adapter layers
+            # the backbone lacks (layers = conv on a conv-less model): reconstruct names the files
             say(f"adaptation failed ({exc}); reconstructing the group unadapted")
             return base, None
         result.files = [str(p) for p in files if not any(str(p) in q for q in problems)]  # the files read

@@ -40,9 +40,9 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from finetune.resume import latest_tag, load_state, save_state, state_owner
-from finetune.settings import FinetuneConfig
+from finetune.settings import AdapterSpec, FinetuneConfig
 from launch.cli import dump_config, parse_args
-from models.adapters import adapter_parameters, add_adapters, save_adapter, targets_for
+from models.adapters import adapter_parameters, add_adapters, layer_regex, save_adapter, select_targets, targets_for
 from models.coils import rss
 from models.fft import ifft2c
 from models.losses import l1, ssim
@@ -75,7 +75,8 @@ def run_dir(cfg: FinetuneConfig) -> Path:
 def build_trainable(cfg: FinetuneConfig, device: torch.device) -> ReconModel:
     """The model with exactly the parameters this run trains left requires_grad=True.
 
-    adapter (default): pretrained backbone frozen + LoRA on `adapter.targets` (or `.layers`) in `.cascades`;
+    adapter (default): pretrained backbone frozen + LoRA on `adapter.layers` (default: the convolutional
+    stem and head, rank 16) or `.targets` in `.cascades`;
     full_finetune: pretrained backbone, everything trainable; from_scratch: random init (seeded),
     architecture from the backbone's model_config.json when there is one, else from [model].
     """
@@ -97,9 +98,21 @@ def build_trainable(cfg: FinetuneConfig, device: torch.device) -> ReconModel:
             p.requires_grad_(True)
         return model
     torch.manual_seed(cfg.run.seed)  # same LoRA A init on every rank (DDP also broadcasts rank 0's)
-    a = cfg.adapter
-    add_adapters(model, a.rank, a.alpha, targets_for(a.targets, a.layers), a.dropout, a.forms, a.cascades)
+    add_configured_adapters(model, cfg.adapter)
     return model
+
+
+def add_configured_adapters(model: ReconModel, a: AdapterSpec) -> list[str]:
+    """`a`'s adapters on `model` (models.adapters.add_adapters); a layer group the model lacks is named
+    with the setting to change (the default "conv" needs a backbone with a convolutional stem and head)."""
+    try:
+        return add_adapters(model, a.rank, a.alpha, targets_for(a.targets, a.layers), a.dropout, a.forms, a.cascades)
+    except ValueError as exc:
+        if "conv" not in a.layers or select_targets(model, layer_regex(["conv"])):
+            raise
+        raise ValueError(f"adapter.layers = {a.layers}: this backbone has no convolutional stem or head "
+                         f"(model.conv_channels = {getattr(getattr(model, 'config', None), 'conv_channels', '?')}), "
+                         "so the 'conv' group adapts nothing; set adapter.layers (e.g. attn,mlp)") from exc
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -140,3 +140,17 @@ def test_an_unreadable_file_is_left_out_of_its_groups_adaptation_and_named(
     group = report["adapt"]["Center012/Philips_30T_IngeniaCX/backbone"]
     assert [Path(f).name for f in group["files"]] == ["cine_sax_kus_ktGaussian16.mat"]
     assert any("left out of adaptation" in m and str(bad) in m for m in logs)
+
+
+def test_default_test_time_adapter_is_conv_lora_and_a_conv_less_backbone_is_named(center012_windows: list) -> None:
+    """The default (issue 14, third pass): rank-16 LoRA on the conv stem and head at lr 1e-2; a backbone
+    without a convolutional stem is refused with the setting to change, before any step."""
+    import dataclasses
+
+    from models.sizes import SIZES, build_model
+
+    cfg = AdaptConfig(steps=2)
+    assert (cfg.rank, cfg.alpha, cfg.layers, cfg.lr) == (16, 32.0, ["conv"], 1e-2)
+    plain = build_model(dataclasses.replace(SIZES["tiny"], conv_channels=0)).eval()
+    with pytest.raises(ValueError, match=r"no convolutional stem or head.*set adapt.layers"):
+        adapt_model(plain, center012_windows, cfg, torch.device("cpu"), lambda m: None)

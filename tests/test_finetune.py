@@ -219,3 +219,31 @@ def test_a_crash_while_publishing_an_adapter_leaves_the_previous_pair_whole(back
     T.save_result(adapted(2), cfg, {})
     assert (entry / "adapter_model.safetensors").read_bytes() != old["adapter_model.safetensors"]
     assert json.loads((entry / "adapter_config.json").read_text())["r"] == cfg.adapter.rank
+
+
+def test_default_adapter_is_rank_16_lora_on_the_conv_stem_and_head() -> None:
+    """The default AdapterSpec (issue 14): LoRA r 16 on every cascade's convolutional stem and head, a
+    no-op at init, r (in k k + out) parameters per 3 x 3 conv from the tiny size's layer shapes; a
+    backbone without a convolutional stem is refused with the setting to change."""
+    from finetune.train import add_configured_adapters
+    from models.adapters import adapter_parameters
+    from models.sizes import SIZES, build_model
+
+    spec = FinetuneConfig().adapter
+    assert (spec.rank, spec.alpha, spec.layers, spec.forms, spec.cascades) == (16, 32.0, ["conv"], ["lora"], [])
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    kspace, mask = _batch()
+    with torch.no_grad():
+        before = model(kspace, mask, META)["image"]
+        names = add_configured_adapters(model, spec)
+        assert torch.equal(model(kspace, mask, META)["image"], before)
+    tiny = SIZES["tiny"]
+    assert names == [f"cascades.{i}.backbone.{m}" for i in range(tiny.cascades)
+                     for m in ("stem.0", "stem.2", "conv_head.1", "conv_head.3")]
+    c, r = tiny.conv_channels, spec.rank                 # stem 2 -> c -> c, head c -> c -> 2, all 3 x 3
+    assert sum(p.numel() for p in adapter_parameters(model)) == tiny.cascades * r * (
+        (2 * 9 + c) + (c * 9 + c) + (c * 9 + c) + (c * 9 + 2))
+    plain = build_model(dataclasses.replace(tiny, conv_channels=0))
+    with pytest.raises(ValueError, match=r"no convolutional stem or head.*set adapter.layers"):
+        add_configured_adapters(plain, spec)

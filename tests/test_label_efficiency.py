@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_label_efficiency_and_adaptation_bench_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "le"
-    args = ["tiny=true", f"out={out}", "labelled=1,all", "forms=lora,lora:r2:attn:last,lora+scale_shift:conv,scale_shift+prompt"]
+    args = ["tiny=true", f"out={out}", "labelled=1,all", "forms=lora,lora:r2:attn:last,lora+scale_shift:conv,scale_shift+prompt",
+            "adapt_variants=lora:r4@1e-3,lora:r2:conv@1e-2"]
     proc = subprocess.run([sys.executable, str(ROOT / "bench/label_efficiency.py")]
                           + [a for kv in args for a in ("--set", kv)], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -51,9 +52,24 @@ def test_label_efficiency_and_adaptation_bench_runs_end_to_end(tmp_path: Path) -
     sets = ["held-out", "held-out, 4 coils, k-space x10000",
             f"Center014/GE_15T_SIGNAArtist, {unlike['ny'][0]}-{unlike['ny'][1]} x {unlike['nx'][0]}-{unlike['nx'][1]}, 6 coils"]
     assert list(res["sets"]) == sets and all(v["R_eff"] > 1 for v in res["sets"].values())
-    runs = [("pretrained", 0), ("pretrained", 2), ("best adapter", 0), ("best adapter", 2)]
-    assert [(t["set"], t["start"], t["steps"]) for t in res["test_time"]] == [(s, *r) for s in sets for r in runs]
+    # the main test-time adapter (rank-4 LoRA on attn+mlp) everywhere; the probe (rank-2 conv LoRA at lr 1e-2)
+    # on the held-out set from (f) at the largest N only
+    runs = [("pretrained", 0, "lora:r4"), ("pretrained", 2, "lora:r4"), ("best adapter", 0, "lora:r4"),
+            ("best adapter", 2, "lora:r4")]
+    expected_runs = [(s, *r) for s in sets for r in runs]
+    expected_runs.insert(2, ("held-out", "pretrained", 2, "lora:r2:conv"))
+    assert [(t["set"], t["start"], t["steps"], t["variant"]) for t in res["test_time"]] == expected_runs
     assert all(t["status"] in ("none", "adapted", "stopped early", "fallback") for t in res["test_time"])
+    lora_r4 = 2 * 4 * ((d + 3 * d) + (d + d) + (d + h) + (h + d))              # r (in + out), attn+mlp, both cascades
+    conv_r2 = 2 * 2 * ((2 * 9 + c) + (c * 9 + c) + (c * 9 + c) + (c * 9 + 2))   # r (in k k + out), conv
+    for t in res["test_time"]:
+        if t["steps"] == 0:
+            assert t["trainable"] == 0 and t["ssdu_before"] is None
+        else:
+            assert t["trainable"] == (conv_r2 if t["variant"] == "lora:r2:conv" else lora_r4)
+            assert t["lr"] == (1e-2 if t["variant"] == "lora:r2:conv" else 1e-3)
+            assert t["ssdu_best"] <= t["ssdu_before"] and 0 <= t["best_step"] <= t["steps"]
+    assert (out / "pretrained.safetensors").is_file()
     for n in ("1", "all"):
         for seed in (0, 1):
             folder = out / "adapters" / f"{n}_s{seed}" / "cine_ktGaussian"
@@ -98,3 +114,59 @@ def test_step_matched_training_runs_exactly_max_steps() -> None:
 
     stats = le.Q.train_for(1e9, [w], loss_fn, 0.1, "test", max_steps=4)   # a budget of seconds that never ends
     assert stats["steps"] == 4 and len(calls) == 4
+
+
+def test_test_time_variants_parse_and_bad_ones_are_refused_by_name(tmp_path: Path) -> None:
+    le = _bench()
+    v, lr = le.parse_adapt_variant("lora:r16:conv@1e-2", 4, 1e-3)
+    assert (v.forms, v.rank, v.layers, lr) == (("lora",), 16, ("conv",), 1e-2)
+    v, lr = le.parse_adapt_variant("lora", 4, 1e-3)
+    assert (v.rank, v.layers, lr) == (4, ("attn", "mlp"), 1e-3)
+    for bad, match in (("lora@fast", "'fast' is not a number"), ("lora@-1", "must be > 0"), ("lora:conf", "lora:conf")):
+        with pytest.raises(SystemExit, match=match):
+            le.parse_adapt_variant(bad, 4, 1e-3)
+    with pytest.raises(SystemExit, match=r"adapt_sets \['nowhere'\]"):   # refused before any data is read
+        le.run(le.LabelEfficiencyConfig(out=str(tmp_path / "x"), adapt_sets=["held-out", "nowhere"]))
+
+
+def test_default_label_efficiency_adapter_meets_the_parameter_budget(tmp_path: Path) -> None:
+    """Arm (a)'s default adapter (ABLATION[0], rank-16 LoRA on the conv stem and head) on the bench's
+    default model: a no-op at init, its count r (in k k + out) per conv from the layer shapes, at most 1% of
+    the model, and its PEFT folder reloads into a fresh backbone exactly."""
+    import copy
+
+    import torch
+
+    from models.adapters import adapter_parameters, add_adapters, load_adapter, save_adapter
+    from models.sizes import build_model, parameter_count
+
+    le = _bench()
+    cfg = le.LabelEfficiencyConfig()
+    v = le.parse_variant(le.ABLATION[0], cfg.adapter_rank)
+    assert (v.forms, v.rank, v.layers, v.cascades) == (("lora",), 16, ("conv",), ())
+    torch.manual_seed(0)
+    base = build_model(cfg.model).eval()
+    model = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(1, 3, 32, 48, generator=g) < 0.3).float()
+    mask[..., 12:20, :] = 1
+    kspace = torch.randn(1, 3, 4, 32, 48, dtype=torch.complex64, generator=g) * mask[:, :, None]
+    meta = [{"modality": "Cine", "pattern": "ktGaussian", "R": 16, "vendor": "Philips", "field_T": 3.0}]
+    with torch.no_grad():
+        before = model(kspace, mask, meta)["image"]
+        add_adapters(model, v.rank, 2.0 * v.rank, v.targets, forms=v.forms, cascades=v.cascades)
+        assert torch.equal(model(kspace, mask, meta)["image"], before)
+    m, c = cfg.model, cfg.model.conv_channels          # stem: 2 -> c -> c (3 x 3); head: c -> c -> 2 (3 x 3)
+    per_cascade = v.rank * ((2 * 9 + c) + (c * 9 + c) + (c * 9 + c) + (c * 9 + 2))
+    trainable = sum(p.numel() for p in adapter_parameters(model))
+    assert trainable == m.cascades * per_cascade == 32_000
+    assert trainable <= 0.01 * parameter_count(base)
+    with torch.no_grad():
+        for p in adapter_parameters(model):
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+        adapted = model(kspace, mask, meta)["image"]
+    assert not torch.equal(adapted, before)
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, save_adapter(model, tmp_path / "cine_ktGaussian", {"contrast": "cine", "pattern": "ktGaussian"}))
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(kspace, mask, meta)["image"], adapted)

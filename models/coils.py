@@ -22,6 +22,8 @@ MICCAI 2020 (fastMRI `varnet.py`).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
@@ -189,6 +191,7 @@ class SensitivityModel(nn.Module):
 
 
 SENS_ESTIMATES = ("acs", "espirit")
+ESPIRIT_KERNEL = 6  # sigpy's default kernel width, models.espirit.espirit_maps' default
 ESPIRIT_MAX_CALIB = 32
 """Longest calibration side used by ESPIRiT: a Cartesian ACS spans the whole readout, but the SVD's cost
 grows with the patch count and the maps are smooth, so the central 32 columns carry the information."""
@@ -201,6 +204,11 @@ def _espirit(acs: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
     hy, hx = min(y1 - y0, ESPIRIT_MAX_CALIB) // 2, min(x1 - x0, ESPIRIT_MAX_CALIB) // 2
+    if min(hy, hx) * 2 < ESPIRIT_KERNEL:  # e.g. an SSDU input set that kept a few ACS rows: no crash
+        warnings.warn(f"ESPIRiT: the ACS block is {y1 - y0} x {x1 - x0}, smaller than the {ESPIRIT_KERNEL}-pixel "
+                      "kernel; this sample uses the 'acs' sensitivity estimate (with SSDU set "
+                      "objective.sens_from_acquired = true)", stacklevel=2)
+        return ifft2c(acs)
     calib = acs[:, cy - hy:cy - hy + 2 * hy, cx - hx:cx - hx + 2 * hx].detach()
     maps, _ = espirit_maps(calib, tuple(acs.shape[-2:]))
     # ESPIRiT fixes each pixel's phase to coil 0's, so S^H y carries coil 0's phase (1.6 rad on average

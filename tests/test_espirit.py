@@ -137,3 +137,21 @@ def test_espirit_estimate_leaves_a_real_object_real() -> None:
 def test_unknown_sensitivity_estimate_is_refused() -> None:
     with pytest.raises(ValueError, match="sensitivity estimate"):
         build_model(ModelConfig(size="tiny", sens_estimate="guess"), device="meta")
+
+
+def test_a_too_small_acs_block_falls_back_to_the_acs_estimate_with_a_warning() -> None:
+    """A sample whose calibration block is under the ESPIRiT kernel (4 rows) does not stop training:
+    it gets exactly the 'acs' estimate, and the warning names the block and the setting."""
+    torch.manual_seed(0)
+    _, _, k = _coil_object(40, 48)
+    mask = torch.zeros(1, 1, 40, 48)
+    mask[..., ::4, :] = 1.0
+    mask[..., 18:22, :] = 1.0  # a 4-row ACS
+    measured = (k * mask[0, 0])[None, None]
+    esp = build_model(ModelConfig(size="tiny", sens_estimate="espirit")).eval()
+    acs = build_model(ModelConfig(size="tiny", sens_estimate="acs")).eval()
+    acs.load_state_dict(esp.state_dict())
+    with torch.no_grad(), pytest.warns(UserWarning, match="4 x 48.*sens_from_acquired"):
+        got = esp.sensitivities(measured, mask)
+    with torch.no_grad():
+        torch.testing.assert_close(got, acs.sensitivities(measured, mask))

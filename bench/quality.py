@@ -113,6 +113,9 @@ class QualityConfig:
     varnet_sens_chans: int = 4
     train_seconds: float = 900.0
     """Wall-clock of each supervised arm (cmrfm scratch, VarNet)."""
+    train_steps: int = 0
+    """> 0: the cmrfm scratch arm trains exactly this many steps instead of `train_seconds` (a lever
+    compared step for step with an earlier run, whatever the machine's load)."""
     pretrain_seconds: float = 600.0
     """SSDU pretraining of the cmrfm SSL arm (no reference read)."""
     adapter_seconds: float = 300.0
@@ -578,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(train_seed(cfg))
         scratch = build_model(cfg.model)
         cost["cmrfm scratch"] = train_supervised(scratch, cmrfm_image, ProblemSampler(train_cases, cfg, train_seed(cfg) + 1),
-                                                 cfg, cfg.train_seconds, cfg.lr, "cmrfm scratch") | {"parameters": n_cmrfm}
+                                                 cfg, cfg.train_seconds, cfg.lr, "cmrfm scratch",
+                                                 max_steps=cfg.train_steps) | {"parameters": n_cmrfm}
         methods["cmrfm scratch"] = lambda p: cmrfm_image(scratch, p)
 
     if "cmrfm SSL+adapters" in cfg.arms:  # SSDU pretraining (no reference), then one adapter per pattern

@@ -142,3 +142,10 @@ def test_compare_with_puts_an_earlier_runs_arms_beside_and_refuses_other_problem
 def test_train_seed_defaults_to_the_corpus_seed(quality) -> None:
     assert quality.train_seed(quality.QualityConfig(seed=4)) == 4
     assert quality.train_seed(quality.QualityConfig(seed=4, train_seed=1)) == 1
+
+
+@pytest.mark.slow
+def test_train_steps_trains_the_scratch_arm_exactly_that_many_steps(quality, tmp_path: Path) -> None:
+    assert quality.main(["--set", "tiny=true", "--set", "threads=1", "--set", "patterns=Uniform",
+                         "--set", f"out={tmp_path}", "--set", "arms=cmrfm scratch", "--set", "train_steps=3"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["cost"]["cmrfm scratch"]["steps"] == 3

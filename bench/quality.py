@@ -68,7 +68,8 @@ PATTERNS = ("Uniform", "ktGaussian", "ktRadial")
 RATES = (8, 16, 24)
 CARTESIAN = ("Uniform", "ktGaussian")  # masks constant along the readout
 ARMS = ("CG-SENSE", "L1-wavelet", "VarNet", "cmrfm scratch", "cmrfm SSL+adapters")  # zero-filled always runs
-CLASSICAL_ARMS = {"CG-SENSE", "L1-wavelet"}
+CLASSICAL_METHODS = {"CG-SENSE": "sense", "L1-wavelet": "l1_wavelet"}  # arm -> classical_image method
+CLASSICAL_ARMS = set(CLASSICAL_METHODS)
 PEER_ARMS = CLASSICAL_ARMS | {"VarNet"}  # independent of cmrfm's settings: what `compare_with` may bring in
 
 
@@ -131,9 +132,9 @@ class QualityConfig:
     figure_R: int = 16
     compare_with: str = ""
     """results.json of an earlier run on the same corpus and problems: its peer arms (CG-SENSE,
-    L1-wavelet, VarNet) that this run did not run are put beside this run's (table, costs, goals), so that a change to cmrfm need not retrain
-    VarNet and rerun the classical arms. Refused unless both runs' zero-filled scores are identical in
-    every cell (the check that the problems are the same)."""
+    L1-wavelet, VarNet) that this run did not run are put beside this run's (table, costs, goals), so
+    that a change to cmrfm need not retrain VarNet and rerun the classical arms. Refused unless both
+    runs' zero-filled scores are identical in every cell (the check that the problems are the same)."""
 
 
 # ---- problems -------------------------------------------------------------------------------------
@@ -566,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         for pattern in cfg.patterns:
             tuner.patterns = (pattern,)
             tune_problems += [tuner() for _ in range(cfg.tune_slices)]
-        for arm, method, lamdas in (("CG-SENSE", "sense", cfg.sense_lamdas), ("L1-wavelet", "l1_wavelet", cfg.l1_lamdas)):
+        for arm, lamdas in (("CG-SENSE", cfg.sense_lamdas), ("L1-wavelet", cfg.l1_lamdas)):
+            method = CLASSICAL_METHODS[arm]
             if arm in cfg.arms:
                 tuning[method] = tune_classical(method, lamdas, tune_problems)
                 methods[arm] = functools.partial(classical_image, method, lamda=tuning[method][0])
@@ -638,9 +640,9 @@ def with_earlier_arms(path: Path, rows: list[dict], cost: dict, timing: dict, sp
     cost = {a: earlier["cost"][a] for a in added if a in earlier.get("cost", {})} | cost
     timing = {a: [earlier["timing_s_per_slice"][a]] for a in added} | timing
     speed = {a: earlier["inference_real_size"]["seconds"][a] for a in added} | speed
-    method = {"CG-SENSE": "sense", "L1-wavelet": "l1_wavelet"}
-    tuning = {method[a]: (earlier["tuning"][method[a]][0], {float(k): v for k, v in earlier["tuning"][method[a]][1].items()})
-              for a in added if method.get(a) in earlier.get("tuning", {})} | tuning
+    earlier_tuning = {CLASSICAL_METHODS[a]: earlier.get("tuning", {}).get(CLASSICAL_METHODS[a])
+                      for a in added if a in CLASSICAL_METHODS}
+    tuning = {m: (t[0], {float(k): v for k, v in t[1].items()}) for m, t in earlier_tuning.items() if t} | tuning
     return merged, cost, timing, speed, tuning
 
 

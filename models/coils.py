@@ -191,7 +191,7 @@ class SensitivityModel(nn.Module):
 
 
 SENS_ESTIMATES = ("acs", "espirit")
-ESPIRIT_KERNEL = 6  # sigpy's default kernel width, models.espirit.espirit_maps' default
+ESPIRIT_KERNEL = 6  # ESPIRiT's kernel width (sigpy's default)
 ESPIRIT_MAX_CALIB = 32
 """Longest calibration side used by ESPIRiT: a Cartesian ACS spans the whole readout, but the SVD's cost
 grows with the patch count and the maps are smooth, so the central 32 columns carry the information."""
@@ -210,7 +210,7 @@ def _espirit(acs: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
                       "objective.sens_from_acquired = true)", stacklevel=2)
         return ifft2c(acs)
     calib = acs[:, cy - hy:cy - hy + 2 * hy, cx - hx:cx - hx + 2 * hx].detach()
-    maps, _ = espirit_maps(calib, tuple(acs.shape[-2:]))
+    maps, _ = espirit_maps(calib, tuple(acs.shape[-2:]), kernel_width=ESPIRIT_KERNEL)
     # ESPIRiT fixes each pixel's phase to coil 0's, so S^H y carries coil 0's phase (1.6 rad on average
     # on the bench corpus) and the network would have to learn it. A phase per pixel is free (the
     # SENSE model cannot see it), so take the one that makes the low-resolution coil-combined image

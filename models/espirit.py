@@ -69,7 +69,7 @@ def espirit_maps(calib: torch.Tensor, shape: tuple[int, int], kernel_width: int 
 
     ny, nx = shape
     scale = min(1.0, grid / max(ny, nx))
-    yc, xc = (max(round(n * scale), 2 * kernel_width, 1) if scale < 1 else n for n in (ny, nx))
+    yc, xc = (max(round(n * scale), 2 * kernel_width) if scale < 1 else n for n in (ny, nx))
     yc, xc = min(yc, ny), min(xc, nx)
     padded = torch.zeros(kernels.shape[:2] + (yc, xc), dtype=torch.complex64, device=calib.device)
     y0, x0 = yc // 2 - kernel_width // 2, xc // 2 - kernel_width // 2  # sigpy's centred resize

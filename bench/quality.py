@@ -52,6 +52,7 @@ from finetune.classical import espirit_maps, l1_wavelet, sense, zero_filled
 from finetune.settings import FinetuneLoss
 from finetune.train import image_loss, supervised_loss
 from launch.cli import parse_args
+from launch.outputs import write_atomic
 from models.adapters import add_adapters, adapter_parameters, merge_adapters
 from models.coils import rss
 from models.fft import ifft2c
@@ -121,6 +122,8 @@ class QualityConfig:
     """SSDU pretraining of the cmrfm SSL arm (no reference read)."""
     adapter_seconds: float = 300.0
     """Per pattern: the SSL arm's adapter fine-tuning."""
+    loss: FinetuneLoss = field(default_factory=FinetuneLoss)
+    """The supervised loss of every trained arm (cmrfm, its adapters and VarNet alike)."""
     lr: float = 1e-3
     lr_adapter: float = 3e-3
     adapter_rank: int = 8
@@ -130,8 +133,8 @@ class QualityConfig:
     tune_slices: int = 2
     """Training slices the classical regularisation is picked on (R 16, every pattern)."""
     figure_R: int = 16
-    compare_with: str = ""
-    """results.json of an earlier run on the same corpus and problems: its peer arms (CG-SENSE,
+    compare_with: list[str] = field(default_factory=list)
+    """results.json files of earlier runs on the same corpus and problems: their peer arms (CG-SENSE,
     L1-wavelet, VarNet) that this run did not run are put beside this run's (table, costs, goals), so
     that a change to cmrfm need not retrain VarNet and rerun the classical arms. Refused unless both
     runs' zero-filled scores are identical in every cell (the check that the problems are the same)."""
@@ -334,7 +337,7 @@ def train_for(seconds: float, params: list[torch.nn.Parameter], loss_fn: Callabl
 
 def train_supervised(model: torch.nn.Module, image_fn: Callable, sampler: ProblemSampler, cfg: QualityConfig,
                      seconds: float, lr: float, name: str, params: list | None = None, max_steps: int = 0) -> dict:
-    weights = FinetuneLoss()
+    weights = cfg.loss
 
     def loss_fn() -> torch.Tensor:
         problem = sampler()
@@ -417,8 +420,8 @@ def scoring_window(nt: int, name: str, frames: int) -> tuple[np.ndarray, list[in
     return window, list(range(before, before + len(official)))
 
 
-def evaluate(methods: dict[str, Callable[[Problem], np.ndarray]], cases: list[Case], cfg: QualityConfig,
-             keep: dict) -> tuple[list[dict], dict[str, list[float]]]:
+def evaluate(methods: dict[str, Callable[[Problem], np.ndarray]], cases: list[Case],
+             cfg: QualityConfig) -> tuple[list[dict], dict[str, list[float]]]:
     """Score every method on every (pattern, R) over the held-out cases; returns rows and seconds/slice."""
     rows, timing = [], {name: [] for name in methods}
     for pattern in cfg.patterns:
@@ -439,10 +442,6 @@ def evaluate(methods: dict[str, Callable[[Problem], np.ndarray]], cases: list[Ca
                             img = np.asarray(fn(problem), dtype=np.float32)[scored]
                         timing[name].append(time.perf_counter() - t0)
                         images[name].append(canvas(img, problem, ny))
-                        if R == cfg.figure_R and ci == 0 and z == slices[0]:
-                            keep.setdefault(pattern, {})[name] = images[name][-1][0]
-                            keep[pattern]["reference"] = canvas(problem.target_image()[scored], problem, ny)[0]
-                            keep[pattern]["columns"] = problem.columns
                 for name in methods:
                     recon = crop_selected(np.stack(images[name], axis=1))  # (F, Z, Y, X) -> official crop
                     exact = score_file(recon, reference, challenge_exact=True, scorer="test2025")
@@ -457,6 +456,64 @@ def evaluate(methods: dict[str, Callable[[Problem], np.ndarray]], cases: list[Ca
             print(f"[quality] {pattern} R{R}: " + ", ".join(f"{n} {row[n]['psnr']:.2f}" for n in methods),
                   file=sys.stderr)
     return rows, timing
+
+
+def weights_name(arm: str) -> str:
+    """File name of an arm's weights under <out>/weights/ ("cmrfm SSL+adapters ktRadial" ->
+    "cmrfm_SSL+adapters_ktRadial.safetensors")."""
+    return arm.replace(" ", "_") + ".safetensors"
+
+
+def save_weights(trained: dict[str, torch.nn.Module], folder: Path) -> None:
+    """Every trained model of this run as safetensors (no pickle), so figures and inference-only
+    ablations can be made again without training; each file is written whole or not at all."""
+    from safetensors.torch import save
+
+    for arm, model in trained.items():
+        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+        write_atomic(folder / weights_name(arm), save(tensors, metadata={"arm": arm}))
+
+
+def earlier_methods(path: Path, cfg: QualityConfig, n_cmrfm: int) -> dict[str, Callable[[Problem], np.ndarray]]:
+    """The peer arms of an earlier run (`compare_with`) as methods, for the figures: the classical arms
+    with the regularisation that run tuned, VarNet from the weights it saved (same build: the same
+    parameter target and config). A peer that cannot be rebuilt is left out of the figures, loudly."""
+    from safetensors.torch import load_file
+
+    earlier = json.loads(path.read_text())
+    arms = set(earlier["rows"][0]) & PEER_ARMS
+    methods: dict[str, Callable[[Problem], np.ndarray]] = {}
+    for arm in sorted(arms & CLASSICAL_ARMS):
+        method = CLASSICAL_METHODS[arm]
+        methods[arm] = functools.partial(classical_image, method, lamda=earlier["tuning"][method][0])
+    if "VarNet" in arms:
+        weights = path.parent / "weights" / weights_name("VarNet")
+        if weights.is_file():
+            varnet, _ = build_varnet(cfg, n_cmrfm)
+            varnet.load_state_dict(load_file(str(weights)))
+            methods["VarNet"] = lambda p: varnet_image(varnet.eval(), p).numpy()
+        else:
+            print(f"[quality] WARNING: {weights} is missing: the figures leave out {path}'s VarNet column "
+                  "(its scores are in the tables)", file=sys.stderr)
+    return methods
+
+
+def figure_panels(methods: dict[str, Callable[[Problem], np.ndarray]], cases: list[Case],
+                  cfg: QualityConfig) -> dict:
+    """Per pattern, frame 1 of the first held-out file's first scored slice at R = figure_R (the problem
+    `evaluate` scores there): every method's image, the reference and the reconstructed columns."""
+    case = cases[0]
+    nt, nz, _, ny, _ = case.kspace.shape
+    frames, scored = scoring_window(nt, case.path.stem, cfg.frames)
+    z = select_slices(nz)[0]
+    keep: dict = {}
+    for pattern in cfg.patterns:
+        problem = make_problem(case.kspace[:, z], frames, pattern, cfg.figure_R, cfg.seed, case.meta, cfg)
+        keep[pattern] = {"reference": canvas(problem.target_image()[scored], problem, ny)[0], "columns": problem.columns}
+        for name, fn in methods.items():
+            with torch.inference_mode():
+                keep[pattern][name] = canvas(np.asarray(fn(problem), dtype=np.float32)[scored], problem, ny)[0]
+    return keep
 
 
 def write_figures(keep: dict, out: Path, names: list[str], R: int) -> list[Path]:
@@ -543,8 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(cfg.arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"bench/quality.py: unknown arm(s) {unknown}; known: {', '.join(ARMS)} (comma-separated)")
-    if cfg.compare_with and not Path(cfg.compare_with).is_file():  # fail before hours of training, not after
-        raise SystemExit(f"bench/quality.py: compare_with {cfg.compare_with}: no such file")
+    for path in cfg.compare_with:  # fail before hours of training, not after
+        if not Path(path).is_file():
+            raise SystemExit(f"bench/quality.py: compare_with {path}: no such file")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -556,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
 
     methods: dict[str, Callable[[Problem], np.ndarray]] = {
         "zero-filled": lambda p: classical_image("zero_filled", p, 0.0)}
+    trained: dict[str, torch.nn.Module] = {}  # saved under <out>/weights/
     cost: dict[str, dict] = {}
     tuning: dict[str, tuple[float, dict]] = {}
     torch.manual_seed(cfg.seed)
@@ -578,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         cost["VarNet"] = train_supervised(varnet, varnet_image, ProblemSampler(train_cases, cfg, train_seed(cfg) + 1), cfg,
                                           cfg.train_seconds, cfg.lr, "VarNet") | {"parameters": n_varnet}
         methods["VarNet"] = lambda p: varnet_image(varnet, p).numpy()
+        trained["VarNet"] = varnet
 
     if "cmrfm scratch" in cfg.arms:  # the same architecture, supervised from random init
         torch.manual_seed(train_seed(cfg))
@@ -586,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  cfg, cfg.train_seconds, cfg.lr, "cmrfm scratch",
                                                  max_steps=cfg.train_steps) | {"parameters": n_cmrfm}
         methods["cmrfm scratch"] = lambda p: cmrfm_image(scratch, p)
+        trained["cmrfm scratch"] = scratch
 
     if "cmrfm SSL+adapters" in cfg.arms:  # SSDU pretraining (no reference), then one adapter per pattern
         torch.manual_seed(train_seed(cfg))
@@ -602,15 +663,19 @@ def main(argv: list[str] | None = None) -> int:
             arm["trainable"] = sum(p.numel() for p in params)
             merge_adapters(model)
             adapted[pattern] = model.eval()
+            trained[f"cmrfm SSL+adapters {pattern}"] = model
         methods["cmrfm SSL+adapters"] = lambda p: cmrfm_image(adapted[p.meta["pattern"]], p)
 
-    keep: dict = {}
-    rows, timing = evaluate(methods, eval_cases, cfg, keep)
-    figures = write_figures(keep, out, list(methods), cfg.figure_R)
+    rows, timing = evaluate(methods, eval_cases, cfg)
+    save_weights(trained, out / "weights")
+    drawn = methods | {n: f for path in cfg.compare_with for n, f in earlier_methods(Path(path), cfg, n_cmrfm).items()
+                       if n not in methods}
+    drawn = {n: drawn[n] for n in ["zero-filled", *ARMS] if n in drawn}  # columns in the bench's arm order
+    figures = write_figures(figure_panels(drawn, eval_cases, cfg), out, list(drawn), cfg.figure_R)
     real_size = (4, 48, 96) if cfg.tiny else (10, 246, 512)
     speed = inference_timing(methods, cfg, real_size)
-    if cfg.compare_with:
-        rows, cost, timing, speed, tuning = with_earlier_arms(Path(cfg.compare_with), rows, cost, timing, speed, tuning)
+    for path in cfg.compare_with:  # the first file that has an arm this run lacks provides it
+        rows, cost, timing, speed, tuning = with_earlier_arms(Path(path), rows, cost, timing, speed, tuning)
     report(cfg, rows, cost, timing, tuning, figures, time.perf_counter() - t_all, out, eval_cases, speed, real_size)
     return 0
 

@@ -200,6 +200,9 @@ class FinetuneLoss:
     """Weight of (1 - SSIM), SSIM with data_range = the reference image's max (models.losses.ssim)."""
     l1: float = 1.0
     """Weight of the L1 image error (data are normalised by shards.normalise.kspace_scale)."""
+    log: bool = False
+    """Train on the mean of each sample's log loss (finetune.train.image_loss): every sample's relative
+    improvement counts alike, as in the mean PSNR the challenge ranks by."""
 
 
 @dataclass

@@ -125,13 +125,24 @@ def test_compare_with_puts_an_earlier_runs_arms_beside_and_refuses_other_problem
     zero-filled scores differ and the run is refused, naming the file: never a table of two problem sets."""
     first, second = tmp_path / "first", tmp_path / "second"
     base = ["--set", "tiny=true", "--set", "threads=1", "--set", "patterns=ktRadial"]
-    assert quality.main(base + ["--set", f"out={first}", "--set", "arms=CG-SENSE,cmrfm SSL+adapters"]) == 0
+    assert quality.main(base + ["--set", f"out={first}", "--set", "arms=CG-SENSE,VarNet,cmrfm SSL+adapters"]) == 0
     assert quality.main(base + ["--set", f"out={second}", "--set", f"corpus_dir={first / 'data'}",
                                 "--set", "arms=cmrfm scratch", "--set", f"compare_with={first / 'results.json'}"]) == 0
     old = json.loads((first / "results.json").read_text())["rows"]
     new = json.loads((second / "results.json").read_text())["rows"]
-    assert [list(r) for r in new] == [["pattern", "R", "zero-filled", "CG-SENSE", "cmrfm scratch"]] * len(new)
+    assert [list(r) for r in new] == [["pattern", "R", "zero-filled", "CG-SENSE", "VarNet", "cmrfm scratch"]] * len(new)
     assert [r["CG-SENSE"] for r in new] == [r["CG-SENSE"] for r in old]
+    assert [r["VarNet"] for r in new] == [r["VarNet"] for r in old]
+    assert (second / "weights" / "cmrfm_scratch.safetensors").is_file()
+    # the figures redraw the earlier peers: rebuilt from its tuning and saved VarNet weights, they score
+    # the held-out problems exactly as that run did
+    cfg = quality.tiny_overrides(quality.QualityConfig(tiny=True, patterns=["ktRadial"], out=str(first)))
+    _, held = quality.corpus(cfg, first)
+    n_cmrfm = quality.parameter_count(quality.build_model(cfg.model, device="meta"))
+    again, _ = quality.evaluate(quality.earlier_methods(first / "results.json", cfg, n_cmrfm), held, cfg)
+    for r_new, r_old in zip(again, old):
+        for arm in ("CG-SENSE", "VarNet"):
+            assert r_new[arm]["psnr"] == pytest.approx(r_old[arm]["psnr"], abs=1e-3)
     table = (second / "quality.md").read_text()
     assert "ahead of CG-SENSE in PSNR and SSIM" in table and "sense lamda" in table
     with pytest.raises(SystemExit, match="results.json.*differs"):

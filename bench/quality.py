@@ -118,6 +118,10 @@ class QualityConfig:
     train_steps: int = 0
     """> 0: the cmrfm scratch arm trains exactly this many steps instead of `train_seconds` (a lever
     compared step for step with an earlier run, whatever the machine's load)."""
+    scratch_init: str = ""
+    """Weights the "cmrfm scratch" arm starts from instead of its random init (an earlier run's
+    <out>/weights/cmrfm_scratch.safetensors; the same `model` config). With train_seconds = 0 it is
+    scored as saved: inference-only ablations (e.g. more CG iterations at test time) need no training."""
     pretrain_seconds: float = 600.0
     """SSDU pretraining of the cmrfm SSL arm (no reference read)."""
     adapter_seconds: float = 300.0
@@ -600,9 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(cfg.arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"bench/quality.py: unknown arm(s) {unknown}; known: {', '.join(ARMS)} (comma-separated)")
-    for path in cfg.compare_with:  # fail before hours of training, not after
-        if not Path(path).is_file():
-            raise SystemExit(f"bench/quality.py: compare_with {path}: no such file")
+    for what, path in [("compare_with", p) for p in cfg.compare_with] + [("scratch_init", cfg.scratch_init)] * bool(cfg.scratch_init):
+        if not Path(path).is_file():  # fail before hours of training, not after
+            raise SystemExit(f"bench/quality.py: {what} {path}: no such file")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -642,6 +646,11 @@ def main(argv: list[str] | None = None) -> int:
     if "cmrfm scratch" in cfg.arms:  # the same architecture, supervised from random init
         torch.manual_seed(train_seed(cfg))
         scratch = build_model(cfg.model)
+        if cfg.scratch_init:
+            from safetensors.torch import load_file
+
+            scratch.load_state_dict(load_file(cfg.scratch_init))
+            print(f"[quality] cmrfm scratch starts from {cfg.scratch_init}", file=sys.stderr)
         cost["cmrfm scratch"] = train_supervised(scratch, cmrfm_image, ProblemSampler(train_cases, cfg, train_seed(cfg) + 1),
                                                  cfg, cfg.train_seconds, cfg.lr, "cmrfm scratch",
                                                  max_steps=cfg.train_steps) | {"parameters": n_cmrfm}

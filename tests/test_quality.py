@@ -159,4 +159,17 @@ def test_train_seed_defaults_to_the_corpus_seed(quality) -> None:
 def test_train_steps_trains_the_scratch_arm_exactly_that_many_steps(quality, tmp_path: Path) -> None:
     assert quality.main(["--set", "tiny=true", "--set", "threads=1", "--set", "patterns=Uniform",
                          "--set", f"out={tmp_path}", "--set", "arms=cmrfm scratch", "--set", "train_steps=3"]) == 0
-    assert json.loads((tmp_path / "results.json").read_text())["cost"]["cmrfm scratch"]["steps"] == 3
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert first["cost"]["cmrfm scratch"]["steps"] == 3
+    # its saved weights, scored without training (scratch_init, train_seconds 0), give the same scores
+    again = tmp_path / "again"
+    assert quality.main(["--set", "tiny=true", "--set", "threads=1", "--set", "patterns=Uniform",
+                         "--set", f"out={again}", "--set", f"corpus_dir={tmp_path / 'data'}", "--set", "arms=cmrfm scratch",
+                         "--set", "train_seconds=0",
+                         "--set", f"scratch_init={tmp_path / 'weights' / 'cmrfm_scratch.safetensors'}"]) == 0
+    second = json.loads((again / "results.json").read_text())
+    assert second["cost"]["cmrfm scratch"]["steps"] == 0
+    for a, b in zip(first["rows"], second["rows"]):
+        assert a["cmrfm scratch"]["psnr"] == pytest.approx(b["cmrfm scratch"]["psnr"], abs=1e-4)
+    with pytest.raises(SystemExit, match="scratch_init .*no such file"):
+        quality.main(["--set", "tiny=true", "--set", f"out={tmp_path / 'x'}", "--set", "scratch_init=/nonexistent.safetensors"])

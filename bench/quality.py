@@ -50,7 +50,7 @@ from challenge.metrics import score_file
 from challenge.ranking import crop_selected, img4ranking_from_kspace, matlab_round_div, select_frames, select_slices
 from finetune.classical import espirit_maps, l1_wavelet, sense, zero_filled
 from finetune.settings import FinetuneLoss
-from finetune.train import image_loss, supervised_loss
+from finetune.train import image_loss, ranking_window, supervised_loss
 from launch.cli import parse_args
 from launch.outputs import write_atomic
 from models.adapters import add_adapters, adapter_parameters, merge_adapters
@@ -186,6 +186,12 @@ class Problem:
         """The loader's batch format (B = 1) for models.recon / finetune.train.supervised_loss."""
         return {"kspace": torch.from_numpy(self.kus[None]), "mask": torch.from_numpy(self.mask[None]),
                 "target": torch.from_numpy(self.full[None]), "meta": [self.meta]}
+
+    def ranking_window(self) -> tuple[slice, slice]:
+        """The ranking crop of the full matrix, in this problem's (possibly readout-cropped) columns."""
+        rows, cols = ranking_window(self.full.shape[-2], self.nx)
+        width = self.columns[1] - self.columns[0]  # a shifted training window may cut it at the edge
+        return rows, slice(max(cols.start - self.columns[0], 0), min(cols.stop - self.columns[0], width))
 
     def target_image(self) -> np.ndarray:
         """RSS of the fully sampled frames (T, Y, X'), normalised."""
@@ -345,9 +351,13 @@ def train_supervised(model: torch.nn.Module, image_fn: Callable, sampler: Proble
 
     def loss_fn() -> torch.Tensor:
         problem = sampler()
+        window = problem.ranking_window()
         if image_fn is cmrfm_image:
-            return supervised_loss(model, problem.batch(), weights)[0]
-        return image_loss(image_fn(model, problem), torch.from_numpy(problem.target_image()), weights)[0]
+            return supervised_loss(model, problem.batch(), weights, window)[0]
+        pred, ref = image_fn(model, problem), torch.from_numpy(problem.target_image())
+        if weights.region == "ranking":  # the same pixels as cmrfm's loss
+            pred, ref = pred[..., window[0], window[1]], ref[..., window[0], window[1]]
+        return image_loss(pred, ref, weights)[0]
 
     model.train()
     stats = train_for(seconds, params or [p for p in model.parameters() if p.requires_grad], loss_fn, lr, name,

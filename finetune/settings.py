@@ -200,9 +200,17 @@ class FinetuneLoss:
     """Weight of (1 - SSIM), SSIM with data_range = the reference image's max (models.losses.ssim)."""
     l1: float = 1.0
     """Weight of the L1 image error (data are normalised by shards.normalise.kspace_scale)."""
+    region: str = "full"
+    """Pixels the loss reads: "full" (the whole field of view) or "ranking" (the central ny/2 x nx/3 the
+    challenge scores, finetune.train.ranking_window). On the real-size benchmark the full field of view
+    let the model trade error in the scored heart region for the periphery (BENCHMARKS.md, issue 10)."""
     log: bool = False
     """Train on the mean of each sample's log loss (finetune.train.image_loss): every sample's relative
     improvement counts alike, as in the mean PSNR the challenge ranks by."""
+
+    def __post_init__(self) -> None:
+        if self.region not in ("full", "ranking"):
+            raise ValueError(f"loss.region must be 'full' or 'ranking', got {self.region!r}")
 
 
 @dataclass

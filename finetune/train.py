@@ -52,6 +52,7 @@ from launch.outputs import FolderLock, publish_dir, remove_stale_staging, stagin
 from pretrain.checkpoint import MODEL_CONFIG, discard_incomplete, load_backbone, lock_dir, write_backbone
 from shards.loader import make_loader, resolve_shards
 from challenge.masks import PATTERNS_2025
+from challenge.ranking import crop_size, crop_start
 from shards.sample import member_key
 
 
@@ -192,14 +193,29 @@ def rss_image(kspace: torch.Tensor) -> torch.Tensor:
     return rss(ifft2c(kspace), dim=2)
 
 
-def supervised_loss(model: torch.nn.Module, batch: dict, weights: Any) -> tuple[torch.Tensor, dict[str, float]]:
+def ranking_window(ny: int, nx: int) -> tuple[slice, slice]:
+    """Rows and columns of an (ny, nx) image that the challenge's ranking crop keeps (challenge.ranking:
+    the central round(ny/2) phase-encode rows and round(nx/3) readout columns)."""
+    sx, sy = crop_size(nx, ny)
+    y0, x0 = crop_start(ny, sy), crop_start(nx, sx)
+    return slice(y0, y0 + sy), slice(x0, x0 + sx)
+
+
+def supervised_loss(model: torch.nn.Module, batch: dict, weights: Any,
+                    window: tuple[slice, slice] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """w_ssim (1 - SSIM) + w_l1 L1 between RSS(model k-space) and RSS(reference), per 2-D frame.
 
     SSIM's data_range is each reference frame's max (the scorer's choice, §6.2); the images are
     already normalised by the sample's kspace_scale, so L1 is on a common scale across vendors.
+    weights.region "ranking": both images are cropped first to `window` (rows, columns), by default
+    the ranking crop of the full matrix (`ranking_window`), the only pixels the challenge scores.
     """
     out = model(batch["kspace"], batch["mask"], batch["meta"])
-    return image_loss(rss_image(out["kspace"]), rss_image(batch["target"]), weights)
+    pred, ref = rss_image(out["kspace"]), rss_image(batch["target"])
+    if getattr(weights, "region", "full") == "ranking":
+        rows, cols = window or ranking_window(*ref.shape[-2:])
+        pred, ref = pred[..., rows, cols], ref[..., rows, cols]
+    return image_loss(pred, ref, weights)
 
 
 def image_loss(pred: torch.Tensor, ref: torch.Tensor, weights: Any) -> tuple[torch.Tensor, dict[str, float]]:

@@ -92,3 +92,49 @@ def test_image_loss_per_sample_and_log(log: bool) -> None:
     one, _ = image_loss(torch.tensor(pred[1], dtype=torch.float32), torch.tensor(ref[1], dtype=torch.float32),
                         FinetuneLoss(ssim=0.7, l1=1.3, log=log))
     assert abs(one.item() - (np.log(per[1]) if log else per[1])) < 1e-4 * max(1.0, abs(np.log(per[1])))
+
+
+@pytest.mark.parametrize("ny, nx", [(41, 90), (48, 97), (246, 512)])
+def test_ranking_window_is_the_challenge_crop(ny: int, nx: int) -> None:
+    """finetune.train.ranking_window selects exactly the pixels challenge.ranking.crop_selected keeps."""
+    from challenge.ranking import crop_selected
+    from finetune.train import ranking_window
+
+    index = np.arange(ny * nx, dtype=np.float64).reshape(ny, nx) + 1  # > 0: abs() leaves it unchanged
+    rows, cols = ranking_window(ny, nx)
+    want = np.sort(crop_selected(index[None, None]).ravel())
+    np.testing.assert_array_equal(np.sort(index[rows, cols].ravel()), want)
+
+
+class _Fixed(torch.nn.Module):
+    """A 'model' that returns a fixed k-space, whatever its input."""
+
+    def __init__(self, kspace: torch.Tensor) -> None:
+        super().__init__()
+        self.kspace = kspace
+
+    def forward(self, kspace, mask, meta):
+        return {"kspace": self.kspace}
+
+
+def test_ranking_region_loss_reads_only_the_scored_pixels() -> None:
+    """An error outside the ranking crop costs nothing with loss.region = "ranking" and something with
+    "full"; an error inside costs in both."""
+    from finetune.settings import FinetuneLoss
+    from finetune.train import ranking_window, supervised_loss
+
+    rng = np.random.default_rng(0)
+    t, c, ny, nx = 2, 3, 40, 60
+    img = rng.random((1, t, c, ny, nx)) + 1.0
+    fft = lambda x: np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))  # noqa: E731
+    rows, cols = ranking_window(ny, nx)
+    outside, inside = img.copy(), img.copy()
+    outside[..., :rows.start, :] *= 1.5  # rows above the crop only
+    inside[..., rows, cols] *= 1.5
+    batch = {"kspace": None, "mask": None, "meta": [{}], "target": torch.tensor(fft(img), dtype=torch.complex64)}
+    loss = lambda pred, region: supervised_loss(_Fixed(torch.tensor(fft(pred), dtype=torch.complex64)), batch,  # noqa: E731
+                                                FinetuneLoss(region=region))[0].item()
+    assert loss(outside, "ranking") < 1e-5 < 1e-2 < loss(outside, "full")
+    assert loss(inside, "ranking") > 1e-2 and loss(inside, "full") > 1e-2
+    with pytest.raises(ValueError, match="region"):
+        FinetuneLoss(region="heart")

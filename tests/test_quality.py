@@ -173,3 +173,22 @@ def test_train_steps_trains_the_scratch_arm_exactly_that_many_steps(quality, tmp
         assert a["cmrfm scratch"]["psnr"] == pytest.approx(b["cmrfm scratch"]["psnr"], abs=1e-4)
     with pytest.raises(SystemExit, match="scratch_init .*no such file"):
         quality.main(["--set", "tiny=true", "--set", f"out={tmp_path / 'x'}", "--set", "scratch_init=/nonexistent.safetensors"])
+
+
+def test_problem_ranking_window_follows_the_readout_crop(quality) -> None:
+    """A readout-cropped (and shifted) Cartesian problem's ranking window holds the same pixels as the
+    ranking crop of the uncropped problem: the region the loss reads is the scored one either way."""
+    from finetune.train import ranking_window
+
+    k = _kspace(np.random.default_rng(4), t=12, y=41, x=90)
+    full = quality.make_problem(k, np.arange(3), "Uniform", 8, 5, {}, quality.QualityConfig(crop_readout=False))
+    for shift in (0, -5, 5):  # within the 5-column margin of a 90-column readout
+        cropped = quality.make_problem(k, np.arange(3), "Uniform", 8, 5, {}, quality.QualityConfig(), x_shift=shift)
+        rows, cols = cropped.ranking_window()
+        want = full.target_image()[:, ranking_window(41, 90)[0], ranking_window(41, 90)[1]] * full.scale
+        got = cropped.target_image()[:, rows, cols] * cropped.scale
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * want.max())
+    # a shift past the margin cuts the window at the problem's edge instead of indexing outside it
+    edge = quality.make_problem(k, np.arange(3), "Uniform", 8, 5, {}, quality.QualityConfig(), x_shift=8)
+    rows, cols = edge.ranking_window()
+    assert cols.start == 0 and cols.stop == 30 - 3

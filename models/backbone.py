@@ -91,12 +91,13 @@ class Backbone(nn.Module):
         conv_channels: width of the convolutional stem and head (0: plain linear patch embedding and
             head, as a ViT).
         gain: initial scale of the residual update (0: ReZero, the untrained backbone is the identity).
+        gated: scale each sample's update by a gate read from the conditioning tokens (1 at init).
         device, dtype: passed to every parameter (meta-device builds, deepspeed.zero.Init).
     """
 
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, patch: int = 8,
-                 checkpointing: bool = False, conv_channels: int = 0, gain: float = 0.1, device=None,
-                 dtype=None) -> None:
+                 checkpointing: bool = False, conv_channels: int = 0, gain: float = 0.1, gated: bool = False,
+                 device=None, dtype=None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if dim % heads or dim % 2:
@@ -116,6 +117,12 @@ class Backbone(nn.Module):
         # the update starts small (or at zero), so an untrained cascade is close to "starting image + data
         # consistency"; a parameter of this module (not a child's) so the value survives deepspeed.zero.Init
         self.gain = nn.Parameter(torch.full((1,), float(gain), **dd))
+        # `gated`: a per-sample scale of the update read from the conditioning tokens after the blocks
+        # (DiT's adaLN-Zero gate): 2 sigmoid(w . pooled + b), exactly 1 at init (w = b = 0). The
+        # convolutional head adds the stem's features back whatever the transformer says, so without a
+        # gate the same local correction is applied to a nearly clean ktRadial R8 image as to an R24 one.
+        self.gate_weight = nn.Parameter(torch.zeros(dim, **dd)) if gated else None
+        self.gate_bias = nn.Parameter(torch.zeros(1, **dd)) if gated else None
 
     def forward(self, image: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """image complex (B, T, Y, X), cond (B, K, D) -> refined image complex64 (B, T, Y, X)."""
@@ -144,11 +151,16 @@ class Backbone(nn.Module):
             else:
                 tokens = block(tokens)
 
-        delta = self.head(self.norm(tokens[:, k:]))  # (B, T*h*w, p*p*C')
+        normed = self.norm(tokens)
+        delta = self.head(normed[:, k:])  # (B, T*h*w, p*p*C')
         delta = rearrange(delta, "b (t h w) (p1 p2 c) -> b t c (h p1) (w p2)", t=t, h=h, w=w, p1=p, p2=p)
         delta = delta[..., :ny, :nx]  # crop the padding: (B, T, C', Y, X)
         if self.conv_head is not None:  # full-resolution refinement with the stem's features added back
             delta = self.conv_head((delta + feats).flatten(0, 1)).unflatten(0, (b, t))
         delta = rearrange(delta.float(), "b t c y x -> b t y x c") * self.gain.float()
+        if self.gate_weight is not None:
+            pooled = (normed[:, :k] if k else normed).mean(1).float()  # (B, D)
+            gate = 2 * torch.sigmoid(pooled @ self.gate_weight.float() + self.gate_bias.float())  # (B,)
+            delta = delta * gate[:, None, None, None, None]
         x = (x + delta) * std + mean  # undo the normalisation
         return torch.view_as_complex(x.contiguous())

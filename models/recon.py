@@ -42,7 +42,7 @@ class Cascade(nn.Module):
         super().__init__()
         self.backbone = Backbone(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.patch,
                                  checkpointing=cfg.activation_checkpointing, conv_channels=cfg.conv_channels,
-                                 gain=cfg.refine_gain, device=device, dtype=dtype)
+                                 gain=cfg.refine_gain, gated=cfg.update_gate, device=device, dtype=dtype)
         self.dc = DataConsistency(cfg.dc_mode, device=device, dtype=dtype)
         # per-cascade sensitivity refinement (SDUM's CSME): identity at init (ReZero gain in CoilRefiner)
         self.sens_refiner = CoilRefiner(cfg.sens_channels, cfg.sens_layers, device=device, dtype=dtype) \

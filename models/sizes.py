@@ -71,6 +71,9 @@ class ModelConfig:
     refine_gain: float | None = None
     """Initial scale of each cascade's residual update (0: ReZero, an untrained cascade leaves the image
     to data consistency; with `sense_init` the untrained model is CG-SENSE)."""
+    update_gate: bool | None = None
+    """Scale each cascade's update per sample by a gate read from its conditioning tokens (DiT's
+    adaLN-Zero gate, 1 at init; models/backbone.py): the update can shrink on nearly clean inputs."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (saves activation memory)."""
 
@@ -80,22 +83,22 @@ SIZES: dict[str, ModelConfig] = {
     "tiny": ModelConfig("tiny", dim=64, depth=2, heads=4, mlp_ratio=4.0, patch=4, cascades=3,
                         share_weights=False, dc_mode="soft", sens_channels=8, sens_layers=3, sens_estimate="acs", conv_channels=8,
                         sense_init=0, sense_scope="2d", sense_mu=0.01, refine_gain=0.1,
-                        sens_per_cascade=False),
+                        sens_per_cascade=False, update_gate=False),
     # ~19M: CPU-trainable experiments
     "small": ModelConfig("small", dim=256, depth=6, heads=4, mlp_ratio=4.0, patch=8, cascades=4,
                          share_weights=False, dc_mode="soft", sens_channels=16, sens_layers=3, sens_estimate="acs", conv_channels=0,
                          sense_init=0, sense_scope="2d", sense_mu=0.01, refine_gain=0.1,
-                        sens_per_cascade=False),
+                        sens_per_cascade=False, update_gate=False),
     # ~101M
     "base": ModelConfig("base", dim=512, depth=8, heads=8, mlp_ratio=4.0, patch=8, cascades=4,
                         share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=4, sens_estimate="acs", conv_channels=0,
                         sense_init=0, sense_scope="2d", sense_mu=0.01, refine_gain=0.1,
-                        sens_per_cascade=False),
+                        sens_per_cascade=False, update_gate=False),
     # ~1.01B: 4 cascades x 20 blocks of ViT-L width (D 1024, 16 heads of 64)
     "1b": ModelConfig("1b", dim=1024, depth=20, heads=16, mlp_ratio=4.0, patch=8, cascades=4,
                       share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=5, sens_estimate="acs", conv_channels=0,
                       sense_init=0, sense_scope="2d", sense_mu=0.01, refine_gain=0.1,
-                        sens_per_cascade=False),
+                        sens_per_cascade=False, update_gate=False),
 }
 
 

@@ -104,10 +104,11 @@ class QualityConfig:
     readout_margin: float = 0.15
     """Extra columns on each side of the ranking crop, as a fraction of its width (model context)."""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
-        size="tiny", dim=96, depth=3, heads=4, patch=16, cascades=4, conv_channels=16, sens_channels=8,
-        sens_estimate="espirit", sense_init=8, sense_scope="all", sense_mu=0.01))
-    """cmrfm's architecture for every cmrfm arm (patch 16 + convolutional stem/head, ESPIRiT sensitivities,
-    CG-SENSE starting image on every pattern: see BENCHMARKS.md and docs/design.md §7)."""
+        size="tiny", dim=96, depth=3, heads=4, patch=16, cascades=4, conv_channels=32, sens_channels=8,
+        sens_estimate="espirit", sense_init=8, sense_scope="all", sense_mu=0.01, update_gate=True))
+    """cmrfm's architecture for every cmrfm arm (patch 16 + convolutional stem/head of 32 channels, ESPIRiT
+    sensitivities, CG-SENSE starting image on every pattern, gated updates: see BENCHMARKS.md and
+    docs/design.md §7)."""
     threads: int = 0
     """torch intra-op threads (0: torch's default). 1 is ~10x faster per step on a 2-core machine that
     other processes share: OpenMP threads spin at every small op while a core is taken (measured)."""
@@ -126,8 +127,9 @@ class QualityConfig:
     """SSDU pretraining of the cmrfm SSL arm (no reference read)."""
     adapter_seconds: float = 300.0
     """Per pattern: the SSL arm's adapter fine-tuning."""
-    loss: FinetuneLoss = field(default_factory=FinetuneLoss)
-    """The supervised loss of every trained arm (cmrfm, its adapters and VarNet alike)."""
+    loss: FinetuneLoss = field(default_factory=lambda: FinetuneLoss(region="ranking"))
+    """The supervised loss of every trained arm (cmrfm, its adapters and VarNet alike), on the pixels
+    the challenge scores (docs/design.md §7)."""
     lr: float = 1e-3
     lr_adapter: float = 3e-3
     adapter_rank: int = 8

@@ -324,16 +324,19 @@ def effective_acceleration(files: list[tuple[list, np.ndarray]]) -> float:
 
 
 def test_time(model: torch.nn.Module, files: list[tuple[list, np.ndarray]], steps: int, cfg: LabelEfficiencyConfig,
-              variant: Variant | None = None, lr: float | None = None) -> tuple[torch.nn.Module, dict]:
+              variant: Variant | None = None, lr: float | None = None, anchor: float = 0.0,
+              max_drift: float = 0.0) -> tuple[torch.nn.Module, dict]:
     """Adapt `model` on the held-out files' undersampled windows only (Problem.kus / mask; `full` unread),
-    with a test-time adapter of `variant` (default: AdaptConfig's rank-16 LoRA on the conv stem and head) at `lr`."""
+    with a test-time adapter of `variant` (default: AdaptConfig's rank-16 LoRA on the conv stem and head) at `lr`,
+    AdaptConfig's `anchor` and `max_drift` (both off by default)."""
     windows = [Window(torch.from_numpy(p.kus[None]), torch.from_numpy(p.mask[None]),
                       {**p.meta, "__key__": f"{i}:{j}"})
                for i, (probs, _) in enumerate(files) for j, p in enumerate(probs)][:cfg.adapt_windows]
     v = variant or parse_variant("lora:r16:conv", 16)
     a = AdaptConfig(steps=steps, lr=cfg.adapt_lr if lr is None else lr, windows=cfg.adapt_windows,
                     eval_every=max(steps // 3, 1), seed=cfg.seed, rank=v.rank, alpha=2.0 * v.rank,
-                    layers=list(v.layers), cascades=list(v.cascades), forms=list(v.forms))
+                    layers=list(v.layers), cascades=list(v.cascades), forms=list(v.forms), anchor=anchor,
+                    max_drift=max_drift)
     adapted, result = adapt_model(model, windows, a, torch.device("cpu"),
                                   lambda m: print(f"[label_efficiency] adapt: {m}", file=sys.stderr))
     trainable = sum(p.numel() for p in adapter_parameters(adapted))  # counted before the merge folds them in

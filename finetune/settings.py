@@ -80,14 +80,33 @@ class ClassicalConfig:
     espirit_crop: float = 0.95
 
 
+#: what a test-time LoRA can sit on (AdaptConfig.start)
+ADAPT_STARTS = ("backbone", "adapter")
+
+
 @dataclass
 class AdaptConfig:
     """Test-time self-supervised adaptation (finetune.adapt): per (center, vendor) group of the input
-    tree, a fresh LoRA on the model its files use, trained with the SSDU split objective on the group's
-    own undersampled k-space (no reference is read). Off unless steps > 0."""
+    tree, a fresh LoRA on the backbone (or on the model its files use, `start`), trained with the SSDU
+    split objective on the group's own undersampled k-space (no reference is read). Off unless steps > 0."""
 
     steps: int = 0
     """Optimizer steps per group (0 = no adaptation)."""
+    start: str = "backbone"
+    """What the test-time LoRA sits on: "backbone" (the pretrained backbone alone; the group's files are
+    then reconstructed with the adapted backbone, without the bank's supervised adapters) or "adapter"
+    (the model the bank gives each file: its supervised adapter merged in, or the backbone where there
+    is none; one adaptation per (center, vendor, adapter)). See `ADAPT_STARTS` and BENCHMARKS.md (issue 14,
+    fourth pass) for why "backbone" is the default."""
+    anchor: float = 0.0
+    """Weight of a consistency term added to the SSDU loss: the relative L2 distance between the adapted
+    model's image and the unadapted model's on the training window's whole acquired set (no reference:
+    the unadapted output is the anchor). 0 = off; it keeps the output near the model the LoRA sits on."""
+    max_drift: float = 0.0
+    """Guard on the output itself: weights whose image on the held-out windows differs from the
+    unadapted model's by more than this relative L2 distance are never kept (the held-out SSDU loss
+    alone cannot see an image that gets worse while that loss falls). 0 = off; the drift is logged and
+    reported either way."""
     rank: int = 16
     alpha: float = 32.0
     targets: str = DEFAULT_TARGETS

@@ -353,13 +353,19 @@ def save_partial(results: dict, cfg: LabelEfficiencyConfig, out: Path) -> None:
                                                   indent=2, default=float) + "\n")
 
 
+def tiny_settings(cfg: LabelEfficiencyConfig) -> LabelEfficiencyConfig:
+    """`cfg` cut to the suite's end-to-end size when `tiny` is set (seconds of training, a small model)."""
+    if not cfg.tiny:
+        return cfg
+    return dataclasses.replace(cfg, pretrain_seconds=min(cfg.pretrain_seconds, 3.0),
+                               finetune_seconds=min(cfg.finetune_seconds, 1.0), adapt_steps=[0, 2],
+                               pretrain_steps=min(cfg.pretrain_steps, 3), finetune_steps=min(cfg.finetune_steps, 2),
+                               model=dataclasses.replace(cfg.model, dim=32, depth=1, heads=2, cascades=2,
+                                                         conv_channels=4, patch=4))
+
+
 def run(cfg: LabelEfficiencyConfig) -> dict:
-    if cfg.tiny:
-        cfg = dataclasses.replace(cfg, pretrain_seconds=min(cfg.pretrain_seconds, 3.0),
-                                  finetune_seconds=min(cfg.finetune_seconds, 1.0), adapt_steps=[0, 2],
-                                  pretrain_steps=min(cfg.pretrain_steps, 3), finetune_steps=min(cfg.finetune_steps, 2),
-                                  model=dataclasses.replace(cfg.model, dim=32, depth=1, heads=2, cascades=2,
-                                                            conv_channels=4, patch=4))
+    cfg = tiny_settings(cfg)
     variants = [parse_variant(v, cfg.adapter_rank) for v in cfg.forms]
     adapt_variants = [parse_adapt_variant(v, 4, cfg.adapt_lr) for v in cfg.adapt_variants]
     bad_sets = sorted(set(cfg.adapt_sets) - set(ADAPT_SETS))

@@ -1,13 +1,18 @@
-"""Test-time adaptation again on a finished bench/label_efficiency.py run, without pretraining anew.
+"""Test-time adaptation again on a bench/label_efficiency.py run, without pretraining anew.
 
     python bench/tta_followup.py --set run=OUT --set corpus_dir=DIR [--set variant=lora:r16:conv@1e-2]
+        [--set runs=held-out/pretrained/50,held-out/best adapter/50/a1,held-out/stack/50]
 
 Loads the run's SSL backbone (<run>/pretrained.safetensors) and one of its arm-(a) adapters
 (<run>/adapters/<best>/cine_<pattern>, merged), rebuilds the same held-out and unlike-matrix problems,
 and runs label_efficiency's own `test_time` (same windows, guard and SSDU split) and `score` for each
-(set, start, N) of `runs`. Written to <run>/tta_followup.json (atomically) and printed as a table.
-Used for the third pass of BENCHMARKS.md (issue 14): the new test-time default on the sets the run
-had measured only with the old one.
+entry of `runs`: "<set>/<start>/<N>[/a<anchor>][/d<max drift>]", start "pretrained" (the LoRA on (f),
+AdaptConfig.start = "backbone"), "best adapter" (on the supervised adapter, start = "adapter") or
+"stack" (adapted on (f), its weight change then added to the supervised model); a<w> and d<x> set
+AdaptConfig.anchor and max_drift. A run folder without the backbone or the adapter (e.g. /tmp wiped)
+gets them rebuilt first, with label_efficiency's seeds and order (`pretrain_steps`, `finetune_steps`).
+Written to <run>/tta_followup.json (atomically) and printed as a table. Used for the third and fourth
+passes of BENCHMARKS.md (issue 14).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class FollowupConfig:
     best: str = "2_s1"
     """Adapter folder of the run used as "best adapter" (<labelled>_s<seed>)."""
     pattern: str = "ktGaussian"
+    tiny: bool = False
+    """label_efficiency's tiny setting (small corpus and model): the suite's end-to-end run."""
     variant: str = "lora:r16:conv@1e-2"
     adapt_windows: int = 4
     pretrain_steps: int = 300
@@ -146,10 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(FollowupConfig, argv, description="test-time adaptation on a finished label_efficiency run")
     from bench import label_efficiency as LE  # noqa: PLC0415 (bench/quality.py is loaded on import)
 
+    runs = [parse_run(spec) for spec in cfg.runs]  # a bad entry stops the run before any work
+    if not cfg.run:
+        raise SystemExit("bench/tta_followup.py: set run=<the label_efficiency run folder (built when empty)>")
     torch.set_num_threads(1)
     out = Path(cfg.run)
-    le = LE.LabelEfficiencyConfig(out=str(out), corpus_dir=cfg.corpus_dir, adapt_windows=cfg.adapt_windows,
-                                  pretrain_steps=cfg.pretrain_steps, finetune_steps=cfg.finetune_steps)
+    le = LE.tiny_settings(LE.LabelEfficiencyConfig(
+        out=str(out), corpus_dir=cfg.corpus_dir, adapt_windows=cfg.adapt_windows, tiny=cfg.tiny,
+        pretrain_steps=cfg.pretrain_steps, finetune_steps=cfg.finetune_steps))
     qc = LE.quality_config(le)
     train_cases, eval_cases = LE.Q.corpus(qc, out)
     matrix_cases = LE.unlike_matrix_cases(le, qc, out)
@@ -165,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     variant, lr = LE.parse_adapt_variant(cfg.variant, 16, le.adapt_lr)
     rows: list[dict] = []
     cache: dict[tuple, tuple[torch.nn.Module, dict, float]] = {}  # (set, N, anchor, drift) from (f): for "stack"
-    for spec in cfg.runs:
-        run = parse_run(spec)
+    for run in runs:
         fset, steps = sets[run.set], run.steps
         t0 = time.perf_counter()
         if run.start == "stack":  # the LoRA adapted on (f), its weight change added to the supervised model's

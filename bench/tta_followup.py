@@ -61,7 +61,14 @@ class FollowupConfig:
         "held-out/pretrained/0", "held-out/pretrained/20", "held-out/best adapter/0", "held-out/best adapter/50",
         "unlike-matrix/pretrained/0", "unlike-matrix/pretrained/20", "unlike-matrix/pretrained/50",
         "unlike-matrix/best adapter/0", "unlike-matrix/best adapter/50"])
-    """"<set>/<start>/<N>": set "held-out" or "unlike-matrix", start "pretrained" or "best adapter"."""
+    """"<set>/<start>/<N>[/a<anchor>][/d<max drift>]" (`parse_run`)."""
+    ablation: list[str] = field(default_factory=list)
+    """Supervised rows run after the test-time ones, each on the first `ablation_labelled` training files,
+    seed `ablation_seed`, `finetune_steps` steps, scored on the held-out set: "full" (every parameter at
+    label_efficiency's lr: arm (c)) or an adapter "<variant>[@<lr>]" (label_efficiency.parse_adapt_variant;
+    rank default 8, lr default label_efficiency's lr_adapter)."""
+    ablation_labelled: str = "all"
+    ablation_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,42 @@ def table_line(r: dict, rows: list[dict]) -> str:
             f"{r['ssim']:.4f} | {delta} | {ssdu} | {moved} | {r['adapt_s_per_file']:.1f} | {r['status']} |")
 
 
+def save(out: Path, cfg: FollowupConfig, rows: list[dict], ablation: list[dict]) -> None:
+    write_atomic(out / "tta_followup.json", json.dumps({"config": dataclasses.asdict(cfg), "rows": rows,
+                                                        "ablation": ablation}, indent=2) + "\n")
+
+
+def ablation_rows(cfg: FollowupConfig, le, qc, pretrained: torch.nn.Module, train_cases: list, held: list,
+                  specs: list[tuple[str, tuple | None]], out: Path, rows: list[dict]) -> list[dict]:
+    """The supervised rows of `ablation` (see FollowupConfig), each with its gain over (f) and, once a "full"
+    row has run, its share of full fine-tuning's gain."""
+    from bench import label_efficiency as LE  # noqa: PLC0415
+
+    subset = train_cases if cfg.ablation_labelled == "all" else train_cases[:int(cfg.ablation_labelled)]
+    n_params = sum(p.numel() for p in pretrained.parameters())
+    f = LE.score(lambda p: LE.Q.cmrfm_image(pretrained, p), held)["psnr"]
+    done: list[dict] = []
+    for spec, parsed in specs:
+        t0 = time.perf_counter()
+        if parsed is None:
+            model, stats = LE.train_arm(pretrained, subset, cfg.pattern, cfg.ablation_seed, "full", qc, le)
+            lr = le.lr
+        else:
+            variant, lr = parsed
+            model, stats = LE.train_arm(pretrained, subset, cfg.pattern, cfg.ablation_seed, "adapter", qc,
+                                        dataclasses.replace(le, lr_adapter=lr), variant)
+        done.append({"spec": spec, "lr": lr, "labelled": len(subset), "seed": cfg.ablation_seed, "steps": stats["steps"],
+                     "trainable": stats["trainable"], "share": stats["trainable"] / n_params, "pretrained_psnr": f,
+                     "train_s": time.perf_counter() - t0, **LE.score(lambda p: LE.Q.cmrfm_image(model, p), held)})
+        save(out, cfg, rows, done)
+        full = next((r["psnr"] - f for r in done if r["spec"] == "full"), None)
+        r = done[-1]
+        share = "-" if full is None or full <= 0 else f"{100 * (r['psnr'] - f) / full:.0f}%"
+        print(f"| `{spec}` | {lr:g} | {r['psnr']:.2f} / {r['ssim']:.4f} | {r['psnr'] - f:+.2f} | {share} | "
+              f"{r['trainable']:,} | {100 * r['share']:.3f}% | {r['steps']} |", flush=True)
+    return done
+
+
 def prepare(cfg: FollowupConfig, le, qc, out: Path, train_cases: list) -> None:
     """Build the SSL backbone and the `best` adapter when the run folder lacks them, in
     label_efficiency.run's order and seeds (manual_seed(seed) before build_model; train_arm seeds itself),
@@ -154,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench import label_efficiency as LE  # noqa: PLC0415 (bench/quality.py is loaded on import)
 
     runs = [parse_run(spec) for spec in cfg.runs]  # a bad entry stops the run before any work
+    ablation = [(spec, None if spec == "full" else LE.parse_adapt_variant(spec, 8, LE.LabelEfficiencyConfig.lr_adapter))
+                for spec in cfg.ablation]
     if not cfg.run:
         raise SystemExit("bench/tta_followup.py: set run=<the label_efficiency run folder (built when empty)>")
     torch.set_num_threads(1)
@@ -195,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
             model, info, took = starts[run.start], {"status": "none"}, 0.0
         rows.append(row_of(run, info, took / len(fset), cfg.variant,
                            LE.score(lambda p: LE.Q.cmrfm_image(model, p), fset)))
-        write_atomic(out / "tta_followup.json", json.dumps({"config": dataclasses.asdict(cfg), "rows": rows}, indent=2) + "\n")
+        save(out, cfg, rows, [])
         print(table_line(rows[-1], rows), flush=True)
+    if ablation:
+        ablation_rows(cfg, le, qc, pretrained, train_cases, sets["held-out"], ablation, out, rows)
     return 0
 
 

@@ -119,6 +119,10 @@ class LabelEfficiencyConfig:
     adapt_steps: list[int] = field(default_factory=lambda: [0, 10, 30])
     adapt_lr: float = 1e-2
     adapt_windows: int = 8
+    adapt_anchor: float = 1.0
+    adapt_anchor_backbone: float = 0.0
+    """Test-time consistency anchor (finetune.settings.AdaptConfig.anchor / anchor_backbone, their defaults):
+    the weight used when adapting from the best adapter / from (f)."""
     adapt_variants: list[str] = field(default_factory=lambda: ["lora:r16:conv", "lora:r4@1e-3"])
     """Test-time LoRA, "<variant>[@<lr>]" (`parse_adapt_variant`; lr default `adapt_lr`). The first is run on
     every set in `adapt_sets`, from (f) and from the best (a), for every N of `adapt_steps` (its default
@@ -328,7 +332,8 @@ def test_time(model: torch.nn.Module, files: list[tuple[list, np.ndarray]], step
               max_drift: float = 0.0) -> tuple[torch.nn.Module, dict]:
     """Adapt `model` on the held-out files' undersampled windows only (Problem.kus / mask; `full` unread),
     with a test-time adapter of `variant` (default: AdaptConfig's rank-16 LoRA on the conv stem and head) at `lr`,
-    AdaptConfig's `anchor` and `max_drift` (both off by default)."""
+    the consistency `anchor` and the `max_drift` guard of AdaptConfig (0 = off; `run` passes `adapt_anchor` from
+    the best adapter and `adapt_anchor_backbone` from (f), as finetune.reconstruct would)."""
     windows = [Window(torch.from_numpy(p.kus[None]), torch.from_numpy(p.mask[None]),
                       {**p.meta, "__key__": f"{i}:{j}"})
                for i, (probs, _) in enumerate(files) for j, p in enumerate(probs)][:cfg.adapt_windows]
@@ -439,13 +444,14 @@ def run(cfg: LabelEfficiencyConfig) -> dict:
                 runs = [(steps, main_variant, main_lr) for steps in cfg.adapt_steps]
                 if set_name == "held-out" and start == "pretrained":  # the probes: why it moves or does not
                     runs += [(max(cfg.adapt_steps), v, lr) for v, lr in probes if max(cfg.adapt_steps) > 0]
+                anchor = cfg.adapt_anchor if start == "best adapter" else cfg.adapt_anchor_backbone
                 for steps, v, lr in runs:
                     t0 = time.perf_counter()
-                    model, info = test_time(base, fset, steps, cfg, v, lr) if steps else (base, {"status": "none"})
+                    model, info = test_time(base, fset, steps, cfg, v, lr, anchor) if steps else (base, {"status": "none"})
                     took = time.perf_counter() - t0
                     curve = info.get("heldout", [])
                     res["test_time"].append({
-                        "set": set_name, "start": start, "steps": steps, "variant": v.spec, "lr": lr,
+                        "set": set_name, "start": start, "steps": steps, "variant": v.spec, "lr": lr, "anchor": anchor,
                         "adapt_s_per_file": took / len(fset), "status": info["status"],
                         "trainable": info.get("trainable", 0),
                         # the guard's held-out SSDU loss before the first step and at the kept weights
@@ -532,7 +538,8 @@ def report(results: dict, cfg: LabelEfficiencyConfig, n_params: int) -> str:
         unadapted = {(r["set"], r["start"]): r["psnr"] for r in res["test_time"] if r["steps"] == 0}
         for r in res["test_time"]:
             adapter = "-" if not r["steps"] else \
-                f"`{r.get('variant', 'lora:r4')}` lr {r.get('lr', cfg.adapt_lr):g} ({r.get('trainable', 0):,})"
+                f"`{r.get('variant', 'lora:r4')}` lr {r.get('lr', cfg.adapt_lr):g} anchor {r.get('anchor', 0):g} " \
+                f"({r.get('trainable', 0):,})"
             ssdu = "-" if r.get("ssdu_before") is None else \
                 f"{r['ssdu_before']:.5f} -> {r['ssdu_best']:.5f} ({r['best_step']})"
             base = unadapted.get((r["set"], r["start"]))

@@ -144,6 +144,8 @@ def ablation_rows(cfg: FollowupConfig, le, qc, pretrained: torch.nn.Module, trai
     subset = train_cases if cfg.ablation_labelled == "all" else train_cases[:int(cfg.ablation_labelled)]
     n_params = sum(p.numel() for p in pretrained.parameters())
     f = LE.score(lambda p: LE.Q.cmrfm_image(pretrained, p), held)["psnr"]
+    zero = LE.score(lambda p: LE.Q.classical_image("zero_filled", p), held)  # the check that the problems are an earlier run's
+    print(f"[tta_followup] held-out: zero-filled {zero['psnr']:.2f} / {zero['ssim']:.4f}, pretrained (f) {f:.2f}", flush=True)
     done: list[dict] = []
     for spec, parsed in specs:
         t0 = time.perf_counter()
@@ -156,6 +158,7 @@ def ablation_rows(cfg: FollowupConfig, le, qc, pretrained: torch.nn.Module, trai
                                         dataclasses.replace(le, lr_adapter=lr), variant)
         done.append({"spec": spec, "lr": lr, "labelled": len(subset), "seed": cfg.ablation_seed, "steps": stats["steps"],
                      "trainable": stats["trainable"], "share": stats["trainable"] / n_params, "pretrained_psnr": f,
+                     "zero_filled_psnr": zero["psnr"],
                      "train_s": time.perf_counter() - t0, **LE.score(lambda p: LE.Q.cmrfm_image(model, p), held)})
         save(out, cfg, rows, done)
         full = next((r["psnr"] - f for r in done if r["spec"] == "full"), None)

@@ -341,9 +341,10 @@ def validate(cfg: ReconstructConfig, outs: list[Path] | None = None) -> tuple[li
         raise ReconstructError("methods", f"{cfg.methods} names a method twice")
     if cfg.adapt.steps > 0 and cfg.adapt.start not in ADAPT_STARTS:   # before any file is read, not per group
         raise ReconstructError("adapt.start", f"{cfg.adapt.start!r}: expected one of {', '.join(ADAPT_STARTS)}")
-    if cfg.adapt.steps > 0 and not (cfg.adapt.anchor >= 0 and cfg.adapt.max_drift >= 0):
-        raise ReconstructError("adapt.anchor", f"anchor {cfg.adapt.anchor}, max_drift {cfg.adapt.max_drift}: "
-                                               "both must be >= 0 (0 = off)")
+    a = cfg.adapt
+    if a.steps > 0 and not (a.anchor >= 0 and a.anchor_backbone >= 0 and a.max_drift >= 0):
+        raise ReconstructError("adapt.anchor", f"anchor {a.anchor}, anchor_backbone {a.anchor_backbone}, max_drift "
+                                               f"{a.max_drift}: each must be >= 0 (0 = off)")
     root = Path(cfg.input)
     if not root.is_dir():
         raise ReconstructError(root, "input folder does not exist" if not root.exists() else "input is not a folder")

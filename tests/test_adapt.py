@@ -143,14 +143,16 @@ def test_an_unreadable_file_is_left_out_of_its_groups_adaptation_and_named(
 
 
 def test_default_test_time_adapter_is_conv_lora_and_a_conv_less_backbone_is_named(center012_windows: list) -> None:
-    """The default (issue 14, third pass): rank-16 LoRA on the conv stem and head at lr 1e-2; a backbone
-    without a convolutional stem is refused with the setting to change, before any step."""
+    """The default (issue 14, third pass): rank-16 LoRA on the conv stem and head at lr 1e-2; fourth pass:
+    on the model each file uses, anchored (weight 1) on a supervised adapter, not on the bare backbone;
+    a backbone without a convolutional stem is refused with the setting to change, before any step."""
     import dataclasses
 
     from models.sizes import SIZES, build_model
 
     cfg = AdaptConfig(steps=2)
     assert (cfg.rank, cfg.alpha, cfg.layers, cfg.lr) == (16, 32.0, ["conv"], 1e-2)
+    assert (cfg.start, cfg.anchor, cfg.anchor_backbone, cfg.max_drift) == ("adapter", 1.0, 0.0, 0.0)
     plain = build_model(dataclasses.replace(SIZES["tiny"], conv_channels=0)).eval()
     with pytest.raises(ValueError, match=r"no convolutional stem or head.*set adapt.layers"):
         adapt_model(plain, center012_windows, cfg, torch.device("cpu"), lambda m: None)
@@ -175,7 +177,8 @@ def test_start_backbone_ignores_the_bank_adapter_and_start_adapter_does_not(
         synthetic_root: Path, tiny_backbone: Path, radial_bank: Path, tmp_path: Path) -> None:
     """adapt.start = "backbone" (issue 14, fourth pass): with a supervised adapter in the bank, the output
     is bit for bit that of adapting the bare backbone with no bank at all; "adapter" adapts on top of the
-    bank's adapter, one group per (center, vendor, adapter), and its ktRadial outputs differ."""
+    bank's adapter, one group per (center, vendor, adapter), with that adapter's anchor weight, and its
+    ktRadial outputs differ."""
     inp = cine_tree_without_references(synthetic_root, tmp_path / "in")
     radial = sorted(str(p.relative_to(inp)) for p in inp.rglob("*_kus_ktRadial*.mat"))
     assert radial  # the bank's adapter is used by some files
@@ -183,7 +186,8 @@ def test_start_backbone_ignores_the_bank_adapter_and_start_adapter_does_not(
     def run(name: str, adapters: Path | None, start: str) -> tuple[dict, dict]:
         cfg = ReconstructConfig(input=str(inp), out=str(tmp_path / name), backbone=str(tiny_backbone),
                                 adapters=str(adapters or ""), progress=False, batch_size=4,
-                                adapt=AdaptConfig(steps=3, lr=1e-2, windows=4, eval_every=1, patience=3, start=start))
+                                adapt=AdaptConfig(steps=3, lr=1e-2, windows=4, eval_every=1, patience=3, start=start,
+                                                  anchor=2.0, anchor_backbone=0.5))
         report = reconstruct_tree(cfg, log=lambda m: None)
         assert not report["errors"]
         return report, images(tmp_path / name)
@@ -196,6 +200,10 @@ def test_start_backbone_ignores_the_bank_adapter_and_start_adapter_does_not(
     assert all(key.endswith("/backbone") and r["start"] == "backbone" for key, r in ignored["adapt"].items())
     assert ignored["adapt"].keys() == alone["adapt"].keys()
     assert any(key.endswith("/cine_ktRadial") and r["start"] == "adapter" for key, r in on_top["adapt"].items())
+    # the anchor follows what the LoRA sits on: `anchor` on a supervised adapter, `anchor_backbone` on the backbone
+    assert {r["anchor"] for r in ignored["adapt"].values()} == {0.5}
+    assert {(k.rsplit("/", 1)[1], r["anchor"]) for k, r in on_top["adapt"].items()} == {("cine_ktRadial", 2.0),
+                                                                                        ("backbone", 0.5)}
     adapted_radial = [Path(f).name for r in on_top["adapt"].values() if r["status"] != "fallback" for f in r["files"]
                       if "ktRadial" in f]
     assert adapted_radial, on_top["adapt"]

@@ -15,7 +15,8 @@ profile, one center/scanner (`held_out`) in no training data. Arms, on the same 
     (d) zero-filled, (e) CG-SENSE (ESPIRiT maps, lamda `sense_lamda`)
     (f) pretrained the SSL backbone without fine-tuning
     (g) test-time  (f) and the best (a) adapted on the held-out scanner's own undersampled k-space
-                   (finetune.adapt.adapt_model: SSDU, held-out-window guard), `adapt_steps` N each; also
+                   (finetune.adapt.adapt_model: SSDU, held-out-window guard; from the adapter with the
+                   consistency anchor `adapt_anchor`, as reconstruct's default), `adapt_steps` N each; also
                    on those files cut to `unlike_coils` coils with k-space x `unlike_scale`, and on a
                    second held-out vendor (`unlike_scanner`, its own small corpus) whose matrix size
                    (`unlike_sizes`) and coil count (`unlike_matrix_coils`) no training file has

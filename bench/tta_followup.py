@@ -120,7 +120,8 @@ def row_of(run: Run, info: dict, s_per_file: float, variant: str, scores: dict) 
 
 
 def table_line(r: dict, rows: list[dict]) -> str:
-    """| set | start | N | anchor | PSNR / SSIM | dB vs the start's N = 0 | SSDU before -> kept (step) | drift kept / last | s/file | guard |"""
+    """| set | start | N | anchor | max drift | PSNR / SSIM | dB vs the start's N = 0 | SSDU before -> kept (step) |
+    drift kept / last | s/file | guard | (stack: vs the supervised adapter's N = 0)."""
     zero_of = "best adapter" if r["start"] == "stack" else r["start"]
     zero = next((z["psnr"] for z in rows if z["set"] == r["set"] and z["start"] == zero_of and z["steps"] == 0), None)
     delta = "-" if zero is None or not r["steps"] else f"{r['psnr'] - zero:+.2f}"
@@ -144,8 +145,9 @@ def ablation_rows(cfg: FollowupConfig, le, qc, pretrained: torch.nn.Module, trai
     subset = train_cases if cfg.ablation_labelled == "all" else train_cases[:int(cfg.ablation_labelled)]
     n_params = sum(p.numel() for p in pretrained.parameters())
     f = LE.score(lambda p: LE.Q.cmrfm_image(pretrained, p), held)["psnr"]
-    zero = LE.score(lambda p: LE.Q.classical_image("zero_filled", p), held)  # the check that the problems are an earlier run's
-    print(f"[tta_followup] held-out: zero-filled {zero['psnr']:.2f} / {zero['ssim']:.4f}, pretrained (f) {f:.2f}", flush=True)
+    zero = LE.score(lambda p: LE.Q.classical_image("zero_filled", p), held)  # same problems as an earlier run?
+    print(f"[tta_followup] held-out: zero-filled {zero['psnr']:.2f} / {zero['ssim']:.4f}, pretrained (f) {f:.2f}",
+          flush=True)
     done: list[dict] = []
     for spec, parsed in specs:
         t0 = time.perf_counter()

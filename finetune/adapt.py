@@ -306,8 +306,8 @@ class TestTimeAdapter:
         curve = ", ".join(f"{s}:{v:.4f}" for s, v in result.heldout)
         moved = ", ".join(f"{s}:{v:.4f}" for s, v in result.drift)
         say(f"{result.status} after {result.steps_run} steps in {result.seconds:.1f} s on {result.train_windows} "
-            f"window(s) of {len(files)} file(s), start {a.start}; held-out SSDU loss {curve}; held-out image "
-            f"change from unadapted {moved}"
+            f"window(s) of {len(files)} file(s), start {a.start}, anchor {a.anchor:g}; held-out SSDU loss {curve}; "
+            f"held-out image change from unadapted {moved}"
             + ("; the held-out loss never fell: using the unadapted model" if result.status == "fallback" else ""))
         folder = self.out / center / vendor / name
         save_adapter(model, folder, {"cmrfm_test_time": True, "center": center, "vendor": vendor, "base_adapter": name,

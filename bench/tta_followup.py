@@ -64,9 +64,10 @@ class FollowupConfig:
     """"<set>/<start>/<N>[/a<anchor>][/d<max drift>]" (`parse_run`)."""
     ablation: list[str] = field(default_factory=list)
     """Supervised rows run after the test-time ones, each on the first `ablation_labelled` training files,
-    seed `ablation_seed`, `finetune_steps` steps, scored on the held-out set: "full" (every parameter at
-    label_efficiency's lr: arm (c)) or an adapter "<variant>[@<lr>]" (label_efficiency.parse_adapt_variant;
-    rank default 8, lr default label_efficiency's lr_adapter)."""
+    seed `ablation_seed`, `finetune_steps` steps, scored on the held-out set: "full[@<lr>]" (every parameter,
+    lr default label_efficiency's: arm (c); the first full row is the one shares are printed against) or an
+    adapter "<variant>[@<lr>]" (label_efficiency.parse_adapt_variant; rank default 8, lr default
+    label_efficiency's lr_adapter)."""
     ablation_labelled: str = "all"
     ablation_seed: int = 0
 
@@ -136,8 +137,20 @@ def save(out: Path, cfg: FollowupConfig, rows: list[dict], ablation: list[dict])
                                                         "ablation": ablation}, indent=2) + "\n")
 
 
+def full_lr(spec: str) -> float:
+    """"full" -> 0.0 (label_efficiency's lr), "full@<lr>" -> lr (SystemExit naming the entry otherwise)."""
+    _, _, lr = spec.partition("@")
+    try:
+        value = float(lr) if lr else 0.0
+    except ValueError:
+        value = -1.0
+    if value < 0 or (lr and value == 0):
+        raise SystemExit(f"bench/tta_followup.py: ablation entry {spec!r}: expected full or full@<lr > 0>")
+    return value
+
+
 def ablation_rows(cfg: FollowupConfig, le, qc, pretrained: torch.nn.Module, train_cases: list, held: list,
-                  specs: list[tuple[str, tuple | None]], out: Path, rows: list[dict]) -> list[dict]:
+                  specs: list[tuple[str, tuple | float]], out: Path, rows: list[dict]) -> list[dict]:
     """The supervised rows of `ablation` (see FollowupConfig), each with its gain over (f) and, once a "full"
     row has run, its share of full fine-tuning's gain."""
     from bench import label_efficiency as LE  # noqa: PLC0415
@@ -151,9 +164,10 @@ def ablation_rows(cfg: FollowupConfig, le, qc, pretrained: torch.nn.Module, trai
     done: list[dict] = []
     for spec, parsed in specs:
         t0 = time.perf_counter()
-        if parsed is None:
-            model, stats = LE.train_arm(pretrained, subset, cfg.pattern, cfg.ablation_seed, "full", qc, le)
-            lr = le.lr
+        if isinstance(parsed, float):  # "full[@lr]"
+            lr = parsed or le.lr
+            model, stats = LE.train_arm(pretrained, subset, cfg.pattern, cfg.ablation_seed, "full", qc,
+                                        dataclasses.replace(le, lr=lr))
         else:
             variant, lr = parsed
             model, stats = LE.train_arm(pretrained, subset, cfg.pattern, cfg.ablation_seed, "adapter", qc,
@@ -163,7 +177,7 @@ def ablation_rows(cfg: FollowupConfig, le, qc, pretrained: torch.nn.Module, trai
                      "zero_filled_psnr": zero["psnr"],
                      "train_s": time.perf_counter() - t0, **LE.score(lambda p: LE.Q.cmrfm_image(model, p), held)})
         save(out, cfg, rows, done)
-        full = next((r["psnr"] - f for r in done if r["spec"] == "full"), None)
+        full = next((r["psnr"] - f for r in done if r["spec"].startswith("full")), None)  # the first full row
         r = done[-1]
         share = "-" if full is None or full <= 0 else f"{100 * (r['psnr'] - f) / full:.0f}%"
         print(f"| `{spec}` | {lr:g} | {r['psnr']:.2f} / {r['ssim']:.4f} | {r['psnr'] - f:+.2f} | {share} | "
@@ -202,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench import label_efficiency as LE  # noqa: PLC0415 (bench/quality.py is loaded on import)
 
     runs = [parse_run(spec) for spec in cfg.runs]  # a bad entry stops the run before any work
-    ablation = [(spec, None if spec == "full" else LE.parse_adapt_variant(spec, 8, LE.LabelEfficiencyConfig.lr_adapter))
-                for spec in cfg.ablation]
+    ablation = [(spec, full_lr(spec) if spec.split("@")[0] == "full" else
+                 LE.parse_adapt_variant(spec, 8, LE.LabelEfficiencyConfig.lr_adapter)) for spec in cfg.ablation]
     if not cfg.run:
         raise SystemExit("bench/tta_followup.py: set run=<the label_efficiency run folder (built when empty)>")
     torch.set_num_threads(1)

@@ -15,7 +15,8 @@ profile, one center/scanner (`held_out`) in no training data. Arms, on the same 
     (d) zero-filled, (e) CG-SENSE (ESPIRiT maps, lamda `sense_lamda`)
     (f) pretrained the SSL backbone without fine-tuning
     (g) test-time  (f) and the best (a) adapted on the held-out scanner's own undersampled k-space
-                   (finetune.adapt.adapt_model: SSDU, held-out-window guard), `adapt_steps` N each; also
+                   (finetune.adapt.adapt_model: SSDU, held-out-window guard; from the adapter with the
+                   consistency anchor `adapt_anchor`, as reconstruct's default), `adapt_steps` N each; also
                    on those files cut to `unlike_coils` coils with k-space x `unlike_scale`, and on a
                    second held-out vendor (`unlike_scanner`, its own small corpus) whose matrix size
                    (`unlike_sizes`) and coil count (`unlike_matrix_coils`) no training file has
@@ -119,6 +120,10 @@ class LabelEfficiencyConfig:
     adapt_steps: list[int] = field(default_factory=lambda: [0, 10, 30])
     adapt_lr: float = 1e-2
     adapt_windows: int = 8
+    adapt_anchor: float = 1.0
+    adapt_anchor_backbone: float = 0.0
+    """Test-time consistency anchor (finetune.settings.AdaptConfig.anchor / anchor_backbone, their defaults):
+    the weight used when adapting from the best adapter / from (f)."""
     adapt_variants: list[str] = field(default_factory=lambda: ["lora:r16:conv", "lora:r4@1e-3"])
     """Test-time LoRA, "<variant>[@<lr>]" (`parse_adapt_variant`; lr default `adapt_lr`). The first is run on
     every set in `adapt_sets`, from (f) and from the best (a), for every N of `adapt_steps` (its default
@@ -324,16 +329,20 @@ def effective_acceleration(files: list[tuple[list, np.ndarray]]) -> float:
 
 
 def test_time(model: torch.nn.Module, files: list[tuple[list, np.ndarray]], steps: int, cfg: LabelEfficiencyConfig,
-              variant: Variant | None = None, lr: float | None = None) -> tuple[torch.nn.Module, dict]:
+              variant: Variant | None = None, lr: float | None = None, anchor: float = 0.0,
+              max_drift: float = 0.0) -> tuple[torch.nn.Module, dict]:
     """Adapt `model` on the held-out files' undersampled windows only (Problem.kus / mask; `full` unread),
-    with a test-time adapter of `variant` (default: AdaptConfig's rank-16 LoRA on the conv stem and head) at `lr`."""
+    with a test-time adapter of `variant` (default: AdaptConfig's rank-16 LoRA on the conv stem and head) at `lr`,
+    the consistency `anchor` and the `max_drift` guard of AdaptConfig (0 = off; `run` passes `adapt_anchor` from
+    the best adapter and `adapt_anchor_backbone` from (f), as finetune.reconstruct would)."""
     windows = [Window(torch.from_numpy(p.kus[None]), torch.from_numpy(p.mask[None]),
                       {**p.meta, "__key__": f"{i}:{j}"})
                for i, (probs, _) in enumerate(files) for j, p in enumerate(probs)][:cfg.adapt_windows]
     v = variant or parse_variant("lora:r16:conv", 16)
     a = AdaptConfig(steps=steps, lr=cfg.adapt_lr if lr is None else lr, windows=cfg.adapt_windows,
                     eval_every=max(steps // 3, 1), seed=cfg.seed, rank=v.rank, alpha=2.0 * v.rank,
-                    layers=list(v.layers), cascades=list(v.cascades), forms=list(v.forms))
+                    layers=list(v.layers), cascades=list(v.cascades), forms=list(v.forms), anchor=anchor,
+                    max_drift=max_drift)
     adapted, result = adapt_model(model, windows, a, torch.device("cpu"),
                                   lambda m: print(f"[label_efficiency] adapt: {m}", file=sys.stderr))
     trainable = sum(p.numel() for p in adapter_parameters(adapted))  # counted before the merge folds them in
@@ -350,13 +359,19 @@ def save_partial(results: dict, cfg: LabelEfficiencyConfig, out: Path) -> None:
                                                   indent=2, default=float) + "\n")
 
 
+def tiny_settings(cfg: LabelEfficiencyConfig) -> LabelEfficiencyConfig:
+    """`cfg` cut to the suite's end-to-end size when `tiny` is set (seconds of training, a small model)."""
+    if not cfg.tiny:
+        return cfg
+    return dataclasses.replace(cfg, pretrain_seconds=min(cfg.pretrain_seconds, 3.0),
+                               finetune_seconds=min(cfg.finetune_seconds, 1.0), adapt_steps=[0, 2],
+                               pretrain_steps=min(cfg.pretrain_steps, 3), finetune_steps=min(cfg.finetune_steps, 2),
+                               model=dataclasses.replace(cfg.model, dim=32, depth=1, heads=2, cascades=2,
+                                                         conv_channels=4, patch=4))
+
+
 def run(cfg: LabelEfficiencyConfig) -> dict:
-    if cfg.tiny:
-        cfg = dataclasses.replace(cfg, pretrain_seconds=min(cfg.pretrain_seconds, 3.0),
-                                  finetune_seconds=min(cfg.finetune_seconds, 1.0), adapt_steps=[0, 2],
-                                  pretrain_steps=min(cfg.pretrain_steps, 3), finetune_steps=min(cfg.finetune_steps, 2),
-                                  model=dataclasses.replace(cfg.model, dim=32, depth=1, heads=2, cascades=2,
-                                                            conv_channels=4, patch=4))
+    cfg = tiny_settings(cfg)
     variants = [parse_variant(v, cfg.adapter_rank) for v in cfg.forms]
     adapt_variants = [parse_adapt_variant(v, 4, cfg.adapt_lr) for v in cfg.adapt_variants]
     bad_sets = sorted(set(cfg.adapt_sets) - set(ADAPT_SETS))
@@ -430,13 +445,14 @@ def run(cfg: LabelEfficiencyConfig) -> dict:
                 runs = [(steps, main_variant, main_lr) for steps in cfg.adapt_steps]
                 if set_name == "held-out" and start == "pretrained":  # the probes: why it moves or does not
                     runs += [(max(cfg.adapt_steps), v, lr) for v, lr in probes if max(cfg.adapt_steps) > 0]
+                anchor = cfg.adapt_anchor if start == "best adapter" else cfg.adapt_anchor_backbone
                 for steps, v, lr in runs:
                     t0 = time.perf_counter()
-                    model, info = test_time(base, fset, steps, cfg, v, lr) if steps else (base, {"status": "none"})
+                    model, info = test_time(base, fset, steps, cfg, v, lr, anchor) if steps else (base, {"status": "none"})
                     took = time.perf_counter() - t0
                     curve = info.get("heldout", [])
                     res["test_time"].append({
-                        "set": set_name, "start": start, "steps": steps, "variant": v.spec, "lr": lr,
+                        "set": set_name, "start": start, "steps": steps, "variant": v.spec, "lr": lr, "anchor": anchor,
                         "adapt_s_per_file": took / len(fset), "status": info["status"],
                         "trainable": info.get("trainable", 0),
                         # the guard's held-out SSDU loss before the first step and at the kept weights
@@ -523,7 +539,8 @@ def report(results: dict, cfg: LabelEfficiencyConfig, n_params: int) -> str:
         unadapted = {(r["set"], r["start"]): r["psnr"] for r in res["test_time"] if r["steps"] == 0}
         for r in res["test_time"]:
             adapter = "-" if not r["steps"] else \
-                f"`{r.get('variant', 'lora:r4')}` lr {r.get('lr', cfg.adapt_lr):g} ({r.get('trainable', 0):,})"
+                f"`{r.get('variant', 'lora:r4')}` lr {r.get('lr', cfg.adapt_lr):g} anchor {r.get('anchor', 0):g} " \
+                f"({r.get('trainable', 0):,})"
             ssdu = "-" if r.get("ssdu_before") is None else \
                 f"{r['ssdu_before']:.5f} -> {r['ssdu_best']:.5f} ({r['best_step']})"
             base = unadapted.get((r["set"], r["start"]))

@@ -80,14 +80,41 @@ class ClassicalConfig:
     espirit_crop: float = 0.95
 
 
+#: what a test-time LoRA can sit on (AdaptConfig.start)
+ADAPT_STARTS = ("backbone", "adapter")
+
+
 @dataclass
 class AdaptConfig:
     """Test-time self-supervised adaptation (finetune.adapt): per (center, vendor) group of the input
-    tree, a fresh LoRA on the model its files use, trained with the SSDU split objective on the group's
-    own undersampled k-space (no reference is read). Off unless steps > 0."""
+    tree, a fresh LoRA on the model its files use (or on the bare backbone, `start`), trained with the
+    SSDU split objective on the group's own undersampled k-space plus, on a supervised adapter, a
+    consistency anchor to the unadapted output (no reference is read). Off unless steps > 0."""
 
     steps: int = 0
     """Optimizer steps per group (0 = no adaptation)."""
+    start: str = "adapter"
+    """What the test-time LoRA sits on: "adapter" (the model the bank gives each file: its supervised
+    adapter merged in, or the bare backbone where the bank has none; one adaptation per (center, vendor,
+    adapter)) or "backbone" (the pretrained backbone alone, for every file; the group is then
+    reconstructed with the adapted backbone, without the bank's supervised adapters). `ADAPT_STARTS`."""
+    anchor: float = 1.0
+    """Weight of a consistency term added to the SSDU loss when the LoRA sits on a supervised adapter: the
+    relative L2 distance between the adapted model's image and the unadapted model's on the training
+    window's whole acquired set (no reference: the unadapted output is the anchor). Default 1 from the
+    measurement (BENCHMARKS.md, issue 14, fourth pass): on a supervised adapter, plain SSDU adaptation
+    lowered its held-out loss while PSNR fell (-0.13 dB held-out scanner, +0.01 dB GE vendor, 50 steps);
+    with anchor 1, +0.14 and +0.60 dB. 0 = off."""
+    anchor_backbone: float = 0.0
+    """The same weight when the LoRA sits on the bare backbone (start = "backbone", or a file without a
+    bank adapter). Default 0: there the anchor halved the gain (+0.88 instead of +1.77 dB, held-out
+    scanner, 50 steps); the SSL backbone was trained with this very objective, so SSDU adaptation does not
+    pull it away from what it was trained for."""
+    max_drift: float = 0.0
+    """Guard on the output itself: weights whose image on the held-out windows differs from the
+    unadapted model's by more than this relative L2 distance are never kept. 0 = off (default): the drift
+    is logged and reported either way, but its size did not tell gain from harm in the measurement
+    (+1.77 dB at drift 0.14 from the backbone; -0.13 dB at 0.068 from a supervised adapter)."""
     rank: int = 16
     alpha: float = 32.0
     targets: str = DEFAULT_TARGETS

@@ -1,6 +1,7 @@
 """bench/label_efficiency.py runs end to end on a tiny setting: every arm on every label count and seed,
 the adapter-form ablation, test-time adaptation from the pretrained model and the best adapter, the
-adapters in the PEFT layout, the table and the PNG."""
+adapters in the PEFT layout, the table and the PNG; bench/tta_followup.py rebuilds a missing run and runs
+every test-time start."""
 
 from __future__ import annotations
 
@@ -170,3 +171,34 @@ def test_default_label_efficiency_adapter_meets_the_parameter_budget(tmp_path: P
     load_adapter(fresh, save_adapter(model, tmp_path / "cine_ktGaussian", {"contrast": "cine", "pattern": "ktGaussian"}))
     with torch.no_grad():
         assert torch.equal(fresh.eval()(kspace, mask, meta)["image"], adapted)
+
+
+@pytest.mark.slow
+def test_tta_followup_rebuilds_a_missing_run_and_runs_every_start(tmp_path: Path) -> None:
+    """bench/tta_followup.py on an empty run folder (tiny): it pretrains (f) and trains the best adapter,
+    then adapts from (f), from the adapter (with and without the anchor) and stacks; the zero-step rows
+    are the unadapted models, the stacked row shares (f)'s adaptation, every adapted row reports its drift;
+    the supervised ablation rows (full fine-tuning, an adapter at its own lr) follow."""
+    run = tmp_path / "run"
+    runs = ["held-out/pretrained/0", "held-out/best adapter/0", "held-out/pretrained/2", "held-out/stack/2",
+            "held-out/best adapter/2", "held-out/best adapter/2/a5"]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/tta_followup.py"), "--set", "tiny=true", "--set", f"run={run}",
+                           "--set", "best=1_s0", "--set", "variant=lora:r2:conv@1e-2", "--set", "adapt_windows=2",
+                           "--set", "runs=" + ",".join(runs), "--set", "ablation=full,lora:r2:conv@1e-2"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "pretrained.safetensors").is_file() and (run / "adapters/1_s0/cine_ktGaussian").is_dir()
+    rows = json.loads((run / "tta_followup.json").read_text())["rows"]
+    assert [(r["start"], r["steps"], r["anchor"]) for r in rows] == [
+        ("pretrained", 0, 0), ("best adapter", 0, 0), ("pretrained", 2, 0), ("stack", 2, 0), ("best adapter", 2, 0),
+        ("best adapter", 2, 5)]
+    assert rows[0]["psnr"] != rows[1]["psnr"]  # the adapter changes the output
+    assert rows[3]["ssdu_kept"] == rows[2]["ssdu_kept"] and rows[3]["status"] == rows[2]["status"]  # one adaptation
+    for r in rows[2:]:
+        assert math.isfinite(r["psnr"]) and r["ssdu_before"] is not None and r["drift_last"] >= 0
+    ablation = json.loads((run / "tta_followup.json").read_text())["ablation"]
+    assert [(r["spec"], r["lr"], r["steps"]) for r in ablation] == [("full", 1e-3, 2), ("lora:r2:conv@1e-2", 1e-2, 2)]
+    assert ablation[1]["trainable"] < ablation[0]["trainable"] and ablation[0]["share"] == 1.0
+    bad = subprocess.run([sys.executable, str(ROOT / "bench/tta_followup.py"), "--set", f"run={run}",
+                          "--set", "runs=held-out/supervised/2"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode != 0 and "held-out/supervised/2" in bad.stderr

@@ -40,7 +40,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from finetune.resume import latest_tag, load_state, save_state, state_owner
-from finetune.settings import AdapterSpec, FinetuneConfig
+from finetune.settings import AdapterSpec, FinetuneConfig, FinetuneLoss
 from launch.cli import dump_config, parse_args
 from models.adapters import adapter_parameters, add_adapters, layer_regex, save_adapter, select_targets, targets_for
 from models.coils import rss
@@ -201,7 +201,7 @@ def ranking_window(ny: int, nx: int) -> tuple[slice, slice]:
     return slice(y0, y0 + sy), slice(x0, x0 + sx)
 
 
-def supervised_loss(model: torch.nn.Module, batch: dict, weights: Any,
+def supervised_loss(model: torch.nn.Module, batch: dict, weights: FinetuneLoss,
                     window: tuple[slice, slice] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """w_ssim (1 - SSIM) + w_l1 L1 between RSS(model k-space) and RSS(reference), per 2-D frame.
 
@@ -212,13 +212,13 @@ def supervised_loss(model: torch.nn.Module, batch: dict, weights: Any,
     """
     out = model(batch["kspace"], batch["mask"], batch["meta"])
     pred, ref = rss_image(out["kspace"]), rss_image(batch["target"])
-    if getattr(weights, "region", "full") == "ranking":
+    if weights.region == "ranking":
         rows, cols = window or ranking_window(*ref.shape[-2:])
         pred, ref = pred[..., rows, cols], ref[..., rows, cols]
     return image_loss(pred, ref, weights)
 
 
-def image_loss(pred: torch.Tensor, ref: torch.Tensor, weights: Any) -> tuple[torch.Tensor, dict[str, float]]:
+def image_loss(pred: torch.Tensor, ref: torch.Tensor, weights: FinetuneLoss) -> tuple[torch.Tensor, dict[str, float]]:
     """w_ssim (1 - SSIM) + w_l1 L1 of magnitude images (..., T, Y, X) against the reference's, per sample
     (the leading dims; (T, Y, X) is one sample), then the mean over samples. SSIM's data_range is each
     reference frame's max. Shared by supervised_loss and the benchmark's peer models.
@@ -231,7 +231,7 @@ def image_loss(pred: torch.Tensor, ref: torch.Tensor, weights: Any) -> tuple[tor
     s = ssim(pred, ref, data_range).mean(-1)  # (...) per sample
     e = (pred - ref).abs().mean(dim=(-3, -2, -1))  # (...)
     per_sample = weights.ssim * (1.0 - s) + weights.l1 * e
-    loss = per_sample.clamp_min(1e-12).log().mean() if getattr(weights, "log", False) else per_sample.mean()
+    loss = per_sample.clamp_min(1e-12).log().mean() if weights.log else per_sample.mean()
     return loss, {"loss": float(loss.detach()), "ssim": float(s.mean().detach()), "l1": float(e.mean().detach())}
 
 

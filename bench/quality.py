@@ -50,7 +50,7 @@ from challenge.metrics import score_file
 from challenge.ranking import crop_selected, img4ranking_from_kspace, matlab_round_div, select_frames, select_slices
 from finetune.classical import espirit_maps, l1_wavelet, sense, zero_filled
 from finetune.settings import FinetuneLoss
-from finetune.train import image_loss, ranking_window, supervised_loss
+from finetune.train import ranking_window, region_loss, supervised_loss
 from launch.cli import parse_args
 from launch.outputs import write_atomic
 from models.adapters import add_adapters, adapter_parameters, merge_adapters
@@ -356,10 +356,7 @@ def train_supervised(model: torch.nn.Module, image_fn: Callable, sampler: Proble
         window = problem.ranking_window()
         if image_fn is cmrfm_image:
             return supervised_loss(model, problem.batch(), weights, window)[0]
-        pred, ref = image_fn(model, problem), torch.from_numpy(problem.target_image())
-        if weights.region == "ranking":  # the same pixels as cmrfm's loss
-            pred, ref = pred[..., window[0], window[1]], ref[..., window[0], window[1]]
-        return image_loss(pred, ref, weights)[0]
+        return region_loss(image_fn(model, problem), torch.from_numpy(problem.target_image()), weights, window)[0]
 
     model.train()
     stats = train_for(seconds, params or [p for p in model.parameters() if p.requires_grad], loss_fn, lr, name,
@@ -507,7 +504,8 @@ def earlier_methods(path: Path, cfg: QualityConfig, n_cmrfm: int) -> dict[str, C
         if weights.is_file():
             varnet, _ = build_varnet(cfg, n_cmrfm)
             varnet.load_state_dict(load_file(str(weights)))
-            methods["VarNet"] = lambda p: varnet_image(varnet.eval(), p).numpy()
+            varnet.eval()
+            methods["VarNet"] = lambda p: varnet_image(varnet, p).numpy()
         else:
             print(f"[quality] WARNING: {weights} is missing: the figures leave out {path}'s VarNet column "
                   "(its scores are in the tables)", file=sys.stderr)
@@ -616,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(cfg.arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"bench/quality.py: unknown arm(s) {unknown}; known: {', '.join(ARMS)} (comma-separated)")
-    for what, path in [("compare_with", p) for p in cfg.compare_with] + [("scratch_init", cfg.scratch_init)] * bool(cfg.scratch_init):
+    inputs = [("compare_with", p) for p in cfg.compare_with] + ([("scratch_init", cfg.scratch_init)] if cfg.scratch_init else [])
+    for what, path in inputs:
         if not Path(path).is_file():  # fail before hours of training, not after
             raise SystemExit(f"bench/quality.py: {what} {path}: no such file")
     if cfg.threads:

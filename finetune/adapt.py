@@ -49,7 +49,7 @@ import torch
 
 from challenge.submission import parse_kus_path
 from finetune.reconstruct import ModelBank, file_meta, load_pair, window_frames
-from finetune.settings import ADAPT_STARTS, AdaptConfig, ReconstructConfig
+from finetune.settings import AdaptConfig, ReconstructConfig, check_adapt_config
 from models.adapters import adapter_parameters, add_adapters, adapter_state_dict, layer_regex, \
     load_adapter_state_dict, merge_adapters, save_adapter, select_targets, targets_for
 from models.recon import ReconModel
@@ -160,15 +160,6 @@ def drift(model: ReconModel, windows: list[Window], anchors: list[torch.Tensor],
 def snapshot(model: ReconModel) -> dict[str, torch.Tensor]:
     """A copy of the adapter weights (adapter_state_dict's `.cpu()` is the live tensor on a CPU model)."""
     return {k: v.clone() for k, v in adapter_state_dict(model).items()}
-
-
-def check_adapt_config(cfg: AdaptConfig) -> None:
-    """Refuse settings that would adapt something else than asked (ValueError naming the setting)."""
-    if cfg.start not in ADAPT_STARTS:
-        raise ValueError(f"adapt.start = {cfg.start!r}: must be one of {', '.join(ADAPT_STARTS)}")
-    if not (cfg.anchor >= 0 and cfg.anchor_backbone >= 0 and cfg.max_drift >= 0):
-        raise ValueError(f"adapt.anchor = {cfg.anchor}, anchor_backbone = {cfg.anchor_backbone}, max_drift = "
-                         f"{cfg.max_drift}: each must be >= 0 (0 = off)")
 
 
 def adapt_model(base: ReconModel, windows: list[Window], cfg: AdaptConfig, device: torch.device,

@@ -64,7 +64,7 @@ from tqdm import tqdm
 
 from challenge.ranking import crop_selected, select_frames, select_slices
 from finetune.rank_share import Journal, fingerprint, share, shared_stage
-from finetune.settings import ADAPT_STARTS, ReconstructConfig
+from finetune.settings import ReconstructConfig, check_adapt_config
 from challenge.submission import SubmissionError, mask_path, parse_kus_path, save_img4ranking
 from launch.cli import ConfigError, dump_config, parse_args
 from launch.outputs import EXIT_SKIPPED, EXIT_USAGE, OutputError, check_separate, replaced_tree, sibling
@@ -339,12 +339,11 @@ def validate(cfg: ReconstructConfig, outs: list[Path] | None = None) -> tuple[li
         raise ReconstructError("methods", f"unknown method {unknown[0]!r}; expected some of {', '.join(METHODS)}")
     if len(set(cfg.methods)) != len(cfg.methods):
         raise ReconstructError("methods", f"{cfg.methods} names a method twice")
-    if cfg.adapt.steps > 0 and cfg.adapt.start not in ADAPT_STARTS:   # before any file is read, not per group
-        raise ReconstructError("adapt.start", f"{cfg.adapt.start!r}: expected one of {', '.join(ADAPT_STARTS)}")
-    a = cfg.adapt
-    if a.steps > 0 and not (a.anchor >= 0 and a.anchor_backbone >= 0 and a.max_drift >= 0):
-        raise ReconstructError("adapt.anchor", f"anchor {a.anchor}, anchor_backbone {a.anchor_backbone}, max_drift "
-                                               f"{a.max_drift}: each must be >= 0 (0 = off)")
+    if cfg.adapt.steps > 0:  # before any file is read, not per group
+        try:
+            check_adapt_config(cfg.adapt)
+        except ValueError as exc:
+            raise ReconstructError("adapt", str(exc)) from None
     root = Path(cfg.input)
     if not root.is_dir():
         raise ReconstructError(root, "input folder does not exist" if not root.exists() else "input is not a folder")

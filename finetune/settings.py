@@ -84,6 +84,16 @@ class ClassicalConfig:
 ADAPT_STARTS = ("backbone", "adapter")
 
 
+def check_adapt_config(cfg: "AdaptConfig") -> None:
+    """Refuse settings that would adapt something else than asked (ValueError naming the setting);
+    finetune.reconstruct checks them before any file is read, finetune.adapt before it adapts."""
+    if cfg.start not in ADAPT_STARTS:
+        raise ValueError(f"adapt.start = {cfg.start!r}: must be one of {', '.join(ADAPT_STARTS)}")
+    if not (cfg.anchor >= 0 and cfg.anchor_backbone >= 0 and cfg.max_drift >= 0):
+        raise ValueError(f"adapt.anchor = {cfg.anchor}, anchor_backbone = {cfg.anchor_backbone}, max_drift = "
+                         f"{cfg.max_drift}: each must be >= 0 (0 = off)")
+
+
 @dataclass
 class AdaptConfig:
     """Test-time self-supervised adaptation (finetune.adapt): per (center, vendor) group of the input

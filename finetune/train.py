@@ -211,7 +211,13 @@ def supervised_loss(model: torch.nn.Module, batch: dict, weights: FinetuneLoss,
     the ranking crop of the full matrix (`ranking_window`), the only pixels the challenge scores.
     """
     out = model(batch["kspace"], batch["mask"], batch["meta"])
-    pred, ref = rss_image(out["kspace"]), rss_image(batch["target"])
+    return region_loss(rss_image(out["kspace"]), rss_image(batch["target"]), weights, window)
+
+
+def region_loss(pred: torch.Tensor, ref: torch.Tensor, weights: FinetuneLoss,
+                window: tuple[slice, slice] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """`image_loss` on the pixels weights.region names: all, or `window` (rows, columns; by default the
+    ranking crop of the images' own matrix). Shared by supervised_loss and the benchmark's peer models."""
     if weights.region == "ranking":
         rows, cols = window or ranking_window(*ref.shape[-2:])
         pred, ref = pred[..., rows, cols], ref[..., rows, cols]

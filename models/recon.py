@@ -8,6 +8,8 @@
                            k  = DC(F S x', k0, M)                  soft or hard data consistency
                            x  = S^H F^H k
                            S  = normalise(S + CNN(coil images of k / RSS))   with `sens_per_cascade`
+        in the last cascade, with `final_cg` = n, between the backbone and DC:
+                           x' = CG_n[(A^H A + mu I) x = A^H k0 + mu x'] from x'   (MoDL's DC block)
         return image x, multi-coil k-space k, sensitivities S
 
 One call signature for self-supervised pretraining (k0, M = the Theta split of the acquired
@@ -20,7 +22,9 @@ Shapes: kspace complex64 (B, T, C, Y, X), mask float32 (B, T, Y, X), meta list o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import math
 
 import torch
 from torch import nn
@@ -49,10 +53,14 @@ class Cascade(nn.Module):
             if cfg.sens_per_cascade else None
 
     def forward(self, image: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor, sens: torch.Tensor,
-                cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                cond: torch.Tensor, solve: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """image (B, T, Y, X), measured (B, T, C, Y, X), mask (B, T, Y, X), sens (B, 1, C, Y, X),
-        cond (B, K, D) -> (image (B, T, Y, X), kspace (B, T, C, Y, X)), complex64."""
+        cond (B, K, D) -> (image (B, T, Y, X), kspace (B, T, C, Y, X)), complex64. `solve` maps the
+        refined image to a data-consistent one before the k-space DC (the model's final solve)."""
         refined = self.backbone(image, cond)
+        if solve is not None:
+            refined = solve(refined)
         kspace = self.dc(sense_forward(refined, sens), measured, mask)
         return sense_adjoint(kspace, sens), kspace
 
@@ -86,6 +94,12 @@ class ReconModel(nn.Module):
         self.cascades = nn.ModuleList(
             Cascade(cfg, device=device, dtype=dtype) for _ in range(1 if cfg.share_weights else cfg.cascades))
         self.iterations = cfg.cascades
+        # the final solve's mu = exp(log_mu + w . mean(conditioning tokens)), per sample: how far to trust
+        # the data over the cascades' image may differ between patterns and rates (w = 0 at init). Created
+        # here, on this module, so the values survive deepspeed.zero.Init (as the backbone's gain).
+        if cfg.final_cg:
+            self.final_log_mu = nn.Parameter(torch.full((1,), math.log(cfg.final_mu), device=device, dtype=dtype))
+            self.final_mu_weight = nn.Parameter(torch.zeros(cfg.dim, device=device, dtype=dtype))
 
     def unrolled(self) -> Iterator[Cascade]:
         """The cascades in order (the one shared cascade `iterations` times when weights are shared)."""
@@ -129,12 +143,31 @@ class ReconModel(nn.Module):
                 image = image.clone()
                 image[chosen] = self.sense_image(image[chosen], mask[chosen], sens[chosen])
         estimate = measured
-        for cascade in self.unrolled():
-            image, estimate = cascade(image, measured, mask, sens, cond)
+        for i, cascade in enumerate(self.unrolled()):
+            solve = None
+            if self.config.final_cg and i == self.iterations - 1:  # the last cascade's refined image
+                solve = lambda z, s=sens: self.final_solve(z, measured, mask, s, cond)  # noqa: E731
+            image, estimate = cascade(image, measured, mask, sens, cond, solve)
             if cascade.sens_refiner is not None:
                 sens = cascade.refine_sensitivities(estimate, sens)
                 image = sense_adjoint(estimate, sens)
         return {"image": image, "kspace": estimate, "sens": sens}
+
+    def final_mu(self, cond: torch.Tensor) -> torch.Tensor:
+        """The final solve's per-sample mu: cond (B, K, D) -> float32 (B,)."""
+        return torch.exp(self.final_log_mu.float() + cond.float().mean(1) @ self.final_mu_weight.float())
+
+    def final_solve(self, image: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor, sens: torch.Tensor,
+                    cond: torch.Tensor) -> torch.Tensor:
+        """`final_cg` CG iterations on (A^H A + mu I) x = A^H y + mu z from x0 = z (z = `image`), with
+        autograd: the cascades learn to give the solve a good prior, and mu is learned.
+
+        Under a 1-D Cartesian mask A^H A only mixes the phase-encode lines the coils alias together, so the
+        solve is SENSE unfolding with the cascades' image as the prior; under ktRadial it also fills the
+        k-space between spokes from the coils. Where the data say nothing (A's null space) x stays z."""
+        mu = self.final_mu(cond)[:, None, None, None]  # (B, 1, 1, 1)
+        normal = lambda x: sense_adjoint(sense_forward(x, sens, mask), sens)  # noqa: E731  A^H A
+        return cg_sense(sense_adjoint(measured, sens) + mu * image, normal, mu, self.config.final_cg, x0=image)
 
     def sense_image(self, adjoint: torch.Tensor, mask: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
         """CG-SENSE from A^H y with the model's sensitivities: `sense_init` CG iterations on

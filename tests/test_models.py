@@ -290,3 +290,46 @@ def test_update_gate_is_one_at_init_scales_the_update_and_learns() -> None:
     model = build_model(ModelConfig(size="tiny", update_gate=True))
     assert all(c.backbone.gate_weight is not None for c in model.cascades)
     assert build_model("tiny").cascades[0].backbone.gate_weight is None
+
+
+def test_final_solve_is_the_dense_modl_solution_keeps_the_image_under_a_large_mu_and_learns_mu() -> None:
+    """`final_cg`: after the cascades, x = argmin ||M F S x - y||^2 + mu ||x - z||^2. Checked against
+    numpy's dense solve of (A^H A + mu I) x = A^H y + mu z, with A built column by column from unit
+    images (an independent construction of the operator); with a huge mu x stays z, so the output equals
+    the model without the solve (weights copied); mu is per sample and both its parameters learn."""
+    import numpy as np
+
+    from models.coils import sense_adjoint, sense_forward
+
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(size="tiny"))
+    solved = build_model(ModelConfig(size="tiny", final_cg=200, final_mu=0.05))
+    missing, unexpected = solved.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ["final_log_mu", "final_mu_weight"]
+    kspace, mask = _batch(1, 1, 2, 6, 5, seed=3)
+    sens = torch.randn(1, 1, 2, 6, 5, dtype=torch.complex64)
+    z = torch.randn(1, 1, 6, 5, dtype=torch.complex64)
+    cond = solved.conditioning([META])
+    with torch.no_grad():
+        x = solved.final_solve(z, kspace, mask, sens, cond)
+        n = z.numel()
+        basis = torch.eye(n, dtype=torch.complex64).reshape(n, 1, 1, 6, 5)
+        a = torch.stack([sense_forward(e, sens, mask).reshape(-1) for e in basis], 1).numpy().astype(np.complex128)
+        y = (kspace * mask.unsqueeze(2)).reshape(-1).numpy()
+        expected = np.linalg.solve(a.conj().T @ a + 0.05 * np.eye(n), a.conj().T @ y + 0.05 * z.reshape(-1).numpy())
+        np.testing.assert_allclose(x.reshape(-1).numpy(), expected, rtol=0, atol=1e-3 * np.abs(expected).max())
+        # the solve's right-hand side is the model's own adjoint: same answer through sense_adjoint
+        assert torch.allclose(sense_adjoint(kspace, sens, mask), sense_adjoint(kspace * mask.unsqueeze(2), sens))
+
+        solved.final_log_mu.fill_(30.0)  # mu = e^30: the data no longer move the image
+        k, m = _batch(2, 2, 3, 20, 18, seed=4)
+        torch.testing.assert_close(solved(k, m, [META, META])["image"], plain(k, m, [META, META])["image"],
+                                   atol=1e-4, rtol=1e-3)
+        solved.final_log_mu.fill_(float(np.log(0.05)))
+        solved.final_mu_weight.normal_()
+        mus = solved.final_mu(solved.conditioning([META, dict(META, pattern="Uniform", R=8)]))
+        assert mus.shape == (2,) and not torch.isclose(mus[0], mus[1])
+        solved.final_mu_weight.zero_()
+    out = solved(k, m, [META, META])
+    out["image"].abs().mean().backward()
+    assert solved.final_log_mu.grad.abs() > 0 and solved.final_mu_weight.grad.abs().sum() > 0

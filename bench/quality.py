@@ -56,6 +56,7 @@ from launch.outputs import write_atomic
 from models.adapters import add_adapters, adapter_parameters, merge_adapters
 from models.coils import rss
 from models.fft import ifft2c
+from models.recon import is_control_parameter
 from models.sizes import ModelConfig, build_model, parameter_count
 from pretrain.objective import ObjectiveConfig, ssdu_step_loss
 from shards.fft import fft2c as np_fft2c
@@ -131,6 +132,9 @@ class QualityConfig:
     """The supervised loss of every trained arm (cmrfm, its adapters and VarNet alike), on the pixels
     the challenge scores (docs/design.md §7)."""
     lr: float = 1e-3
+    lr_control: float = 1.0
+    """The cmrfm scratch arm's lr multiplier for the model's scalar controls (update gains and gates, DC
+    weights, the final solve's mu: `models.recon.is_control_parameter`)."""
     lr_adapter: float = 3e-3
     adapter_rank: int = 8
     adapter_targets: str = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
@@ -319,18 +323,21 @@ def train_seed(cfg: QualityConfig) -> int:
     return cfg.seed if cfg.train_seed < 0 else cfg.train_seed
 
 
-def train_for(seconds: float, params: list[torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor], lr: float,
-              name: str, max_steps: int = 0) -> dict:
+def train_for(seconds: float, params: list[torch.nn.Parameter] | list[dict], loss_fn: Callable[[], torch.Tensor],
+              lr: float, name: str, max_steps: int = 0) -> dict:
     """AdamW on `params` for a wall-clock budget, cosine-decayed over the time used; returns stats.
     max_steps > 0: exactly that many steps instead (step-matched arms, whatever the machine's load),
-    cosine-decayed over the steps."""
+    cosine-decayed over the steps. `params` may be parameter groups whose "lr" is their base lr."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    params = [p for g in opt.param_groups for p in g["params"]]
     t0, steps, losses = time.perf_counter(), 0, []
     while (steps < max_steps) if max_steps else (time.perf_counter() - t0 < seconds):
         elapsed = time.perf_counter() - t0
         progress = steps / max_steps if max_steps else min(elapsed / seconds, 1.0)
         for g in opt.param_groups:
-            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+            g["lr"] = g["base_lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         loss = loss_fn()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{name}: non-finite loss at step {steps}")
@@ -345,6 +352,14 @@ def train_for(seconds: float, params: list[torch.nn.Parameter], loss_fn: Callabl
                   f"loss {np.mean(losses[-10:]):.4f}, {steps / max(elapsed, 1e-9):.2f} steps/s", file=sys.stderr)
     took = time.perf_counter() - t0
     return {"steps": steps, "seconds": took, "step_s": took / max(steps, 1), "final_loss": float(np.mean(losses[-25:])) if losses else float("nan")}  # 0 s: the untrained model
+
+
+def control_groups(model: torch.nn.Module, lr: float, scale: float) -> list[dict]:
+    """The model's trainable parameters as two AdamW groups: the scalar controls at lr x scale, the rest at lr."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    control = [p for n, p in named if is_control_parameter(n)]
+    return [{"params": [p for n, p in named if not is_control_parameter(n)], "lr": lr},
+            {"params": control, "lr": lr * scale}]
 
 
 def train_supervised(model: torch.nn.Module, image_fn: Callable, sampler: ProblemSampler, cfg: QualityConfig,
@@ -662,8 +677,9 @@ def main(argv: list[str] | None = None) -> int:
 
             scratch.load_state_dict(load_file(cfg.scratch_init))
             print(f"[quality] cmrfm scratch starts from {cfg.scratch_init}", file=sys.stderr)
+        groups = control_groups(scratch, cfg.lr, cfg.lr_control) if cfg.lr_control != 1.0 else None
         cost["cmrfm scratch"] = train_supervised(scratch, cmrfm_image, ProblemSampler(train_cases, cfg, train_seed(cfg) + 1),
-                                                 cfg, cfg.train_seconds, cfg.lr, "cmrfm scratch",
+                                                 cfg, cfg.train_seconds, cfg.lr, "cmrfm scratch", groups,
                                                  max_steps=cfg.train_steps) | {"parameters": n_cmrfm}
         methods["cmrfm scratch"] = lambda p: cmrfm_image(scratch, p)
         trained["cmrfm scratch"] = scratch

@@ -39,6 +39,19 @@ if TYPE_CHECKING:
     from models.sizes import ModelConfig
 
 
+# Scalar and per-sample controls of the model: update gains and gates, DC weights, the final solve's mu,
+# the sensitivity refiners' gains. Each is one number (or one read-out of the conditioning) that decides
+# how much of a whole path is used; at the network's lr Adam moves each by ~lr per step, so over a few
+# hundred steps a gate barely leaves 1 (BENCHMARKS.md, session 6). Optimisers may give them a larger lr.
+CONTROL_SUFFIXES = (".gain", ".gate_weight", ".gate_bias", ".dc.weight", ".dc.sampling", "final_log_mu",
+                    "final_mu_weight")
+
+
+def is_control_parameter(name: str) -> bool:
+    """True for the parameter names (as `named_parameters` gives them) of the model's scalar controls."""
+    return name.endswith(CONTROL_SUFFIXES)
+
+
 class Cascade(nn.Module):
     """One unrolled iteration: backbone refinement, then data consistency in k-space."""
 

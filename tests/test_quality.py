@@ -192,3 +192,30 @@ def test_problem_ranking_window_follows_the_readout_crop(quality) -> None:
     edge = quality.make_problem(k, np.arange(3), "Uniform", 8, 5, {}, quality.QualityConfig(), x_shift=8)
     rows, cols = edge.ranking_window()
     assert cols.start == 0 and cols.stop == 30 - 3
+
+
+def test_control_parameters_get_their_own_lr(quality) -> None:
+    """`lr_control`: the scalar controls (listed by hand from the model's construction) form their own
+    AdamW group. Adam's first step moves every parameter with a nonzero gradient by about its lr
+    (lr * g / |g|), so after one step of `train_for` a control moves `scale` times as far as the others."""
+    from models.sizes import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="tiny", cascades=2, update_gate=True, final_cg=2))
+    expected = {"final_log_mu", "final_mu_weight", "sensitivities.refiner.gain"} | {
+        f"cascades.{i}.{n}" for i in range(2) for n in ("backbone.gain", "backbone.gate_weight", "backbone.gate_bias",
+                                                        "dc.weight")}
+    groups = quality.control_groups(model, 1e-3, 10.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in groups[1]["params"]} == expected
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    k = torch.randn(1, 2, 3, 16, 12, dtype=torch.complex64)
+    m = (torch.rand(1, 2, 16, 12) < 0.5).float()
+    m[..., 6:10, :] = 1
+    meta = [{"pattern": "ktRadial", "R": 8}]
+    quality.train_for(0, groups, lambda: model(k * m.unsqueeze(2), m, meta)["image"].abs().mean(), 1e-3, "t", max_steps=1)
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+    assert moved["final_log_mu"] == pytest.approx(1e-2, rel=1e-3)
+    assert moved["cascades.1.dc.weight"] == pytest.approx(1e-2, rel=1e-3)
+    assert moved["cascades.0.backbone.head.bias"] == pytest.approx(1e-3, rel=1e-3)

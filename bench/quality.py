@@ -106,10 +106,11 @@ class QualityConfig:
     """Extra columns on each side of the ranking crop, as a fraction of its width (model context)."""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         size="tiny", dim=96, depth=3, heads=4, patch=16, cascades=4, conv_channels=32, sens_channels=8,
-        sens_estimate="espirit", sense_init=8, sense_scope="all", sense_mu=0.01, update_gate=True))
+        sens_estimate="espirit", sense_init=8, sense_scope="all", sense_mu=0.01, update_gate=True, final_cg=8,
+        final_mu=0.05))
     """cmrfm's architecture for every cmrfm arm (patch 16 + convolutional stem/head of 32 channels, ESPIRiT
-    sensitivities, CG-SENSE starting image on every pattern, gated updates: see BENCHMARKS.md and
-    docs/design.md §7)."""
+    sensitivities, CG-SENSE starting image on every pattern, gated updates, a data-consistency solve in
+    the last cascade: see BENCHMARKS.md and docs/design.md §7)."""
     threads: int = 0
     """torch intra-op threads (0: torch's default). 1 is ~10x faster per step on a 2-core machine that
     other processes share: OpenMP threads spin at every small op while a core is taken (measured)."""
@@ -132,7 +133,7 @@ class QualityConfig:
     """The supervised loss of every trained arm (cmrfm, its adapters and VarNet alike), on the pixels
     the challenge scores (docs/design.md §7)."""
     lr: float = 1e-3
-    lr_control: float = 1.0
+    lr_control: float = 30.0
     """The cmrfm scratch arm's lr multiplier for the model's scalar controls (update gains and gates, DC
     weights, the final solve's mu: `models.recon.is_control_parameter`)."""
     lr_adapter: float = 3e-3

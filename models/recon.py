@@ -8,7 +8,7 @@
                            k  = DC(F S x', k0, M)                  soft or hard data consistency
                            x  = S^H F^H k
                            S  = normalise(S + CNN(coil images of k / RSS))   with `sens_per_cascade`
-        in the last cascade, with `final_cg` = n, between the backbone and DC:
+        in the last `final_cascades` cascades, with `final_cg` = n, between the backbone and DC:
                            x' = CG_n[(A^H A + mu I) x = A^H k0 + mu x'] from x'   (MoDL's DC block)
         return image x, multi-coil k-space k, sensitivities S
 
@@ -158,7 +158,7 @@ class ReconModel(nn.Module):
         estimate = measured
         for i, cascade in enumerate(self.unrolled()):
             solve = None
-            if self.config.final_cg and i == self.iterations - 1:  # the last cascade's refined image
+            if self.config.final_cg and i >= self.iterations - self.config.final_cascades:  # the last ones
                 solve = lambda z, s=sens: self.final_solve(z, measured, mask, s, cond)  # noqa: E731
             image, estimate = cascade(image, measured, mask, sens, cond, solve)
             if cascade.sens_refiner is not None:

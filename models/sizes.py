@@ -75,10 +75,12 @@ class ModelConfig:
     """Scale each cascade's update per sample by a gate read from its conditioning tokens (DiT's
     adaLN-Zero gate, 1 at init; models/backbone.py): the update can shrink on nearly clean inputs."""
     final_cg: int | None = None
-    """CG iterations of a final data-consistency solve in the last cascade, between its backbone and its
-    DC (MoDL's DC block): x = argmin ||M F S x - y||^2 + mu ||x - z||^2 from x0 = z, z the backbone's
+    """CG iterations of a data-consistency solve in the last cascade(s) (`final_cascades`), between the
+    backbone and the DC (MoDL's DC block): x = argmin ||M F S x - y||^2 + mu ||x - z||^2 from x0 = z, z the backbone's
     image, with a learned per-sample mu (0: off). The cascades' DC replaces measured samples coil by coil; this solve also
     moves the unmeasured ones by the coils' coupling (parallel imaging), models/recon.py."""
+    final_cascades: int | None = None
+    """How many of the last cascades get the solve (1: the last only; `cascades`: every one, as MoDL)."""
     final_mu: float | None = None
     """Initial mu of the final solve, in normalised k-space units (A^H A has eigenvalues in [0, 1])."""
     activation_checkpointing: bool = False
@@ -90,22 +92,22 @@ SIZES: dict[str, ModelConfig] = {
     "tiny": ModelConfig("tiny", dim=64, depth=2, heads=4, mlp_ratio=4.0, patch=4, cascades=3,
                         share_weights=False, dc_mode="soft", sens_channels=8, sens_layers=3, sens_estimate="acs", conv_channels=8,
                         sense_init=0, sense_scope="2d", sense_mu=0.01, refine_gain=0.1,
-                        sens_per_cascade=False, update_gate=False, final_cg=0, final_mu=0.01),
+                        sens_per_cascade=False, update_gate=False, final_cg=0, final_cascades=1, final_mu=0.01),
     # ~19M: CPU-trainable experiments
     "small": ModelConfig("small", dim=256, depth=6, heads=4, mlp_ratio=4.0, patch=8, cascades=4,
                          share_weights=False, dc_mode="soft", sens_channels=16, sens_layers=3, sens_estimate="acs", conv_channels=0,
                          sense_init=0, sense_scope="2d", sense_mu=0.01, refine_gain=0.1,
-                        sens_per_cascade=False, update_gate=False, final_cg=0, final_mu=0.01),
+                        sens_per_cascade=False, update_gate=False, final_cg=0, final_cascades=1, final_mu=0.01),
     # ~101M
     "base": ModelConfig("base", dim=512, depth=8, heads=8, mlp_ratio=4.0, patch=8, cascades=4,
                         share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=4, sens_estimate="acs", conv_channels=0,
                         sense_init=0, sense_scope="2d", sense_mu=0.01, refine_gain=0.1,
-                        sens_per_cascade=False, update_gate=False, final_cg=0, final_mu=0.01),
+                        sens_per_cascade=False, update_gate=False, final_cg=0, final_cascades=1, final_mu=0.01),
     # ~1.01B: 4 cascades x 20 blocks of ViT-L width (D 1024, 16 heads of 64)
     "1b": ModelConfig("1b", dim=1024, depth=20, heads=16, mlp_ratio=4.0, patch=8, cascades=4,
                       share_weights=False, dc_mode="soft", sens_channels=32, sens_layers=5, sens_estimate="acs", conv_channels=0,
                       sense_init=0, sense_scope="2d", sense_mu=0.01, refine_gain=0.1,
-                        sens_per_cascade=False, update_gate=False, final_cg=0, final_mu=0.01),
+                        sens_per_cascade=False, update_gate=False, final_cg=0, final_cascades=1, final_mu=0.01),
 }
 
 
@@ -120,6 +122,8 @@ def resolve_config(cfg: ModelConfig | str) -> ModelConfig:
               for f in dataclasses.fields(ModelConfig)}
     if filled["sense_scope"] not in ("all", "2d"):
         raise ValueError(f"model.sense_scope must be 'all' or '2d', got {filled['sense_scope']!r}")
+    if filled["final_cg"] and not 1 <= filled["final_cascades"] <= filled["cascades"]:
+        raise ValueError(f"model.final_cascades must be 1..cascades ({filled['cascades']}), got {filled['final_cascades']}")
     return ModelConfig(**filled)
 
 

@@ -333,3 +333,27 @@ def test_final_solve_is_the_dense_modl_solution_keeps_the_image_under_a_large_mu
     out = solved(k, m, [META, META])
     out["image"].abs().mean().backward()
     assert solved.final_log_mu.grad.abs() > 0 and solved.final_mu_weight.grad.abs().sum() > 0
+
+
+def test_final_cascades_puts_the_solve_in_that_many_last_cascades() -> None:
+    """`final_cascades` = n: the solve runs in the last n cascades (counted by wrapping it); 1 is the
+    default's output exactly; out of range is refused."""
+    torch.manual_seed(0)
+    k, m = _batch(1, 2, 3, 20, 18, seed=5)
+    outs = {}
+    for n in (1, 2, 3):
+        model = build_model(ModelConfig(size="tiny", final_cg=3, final_cascades=n))
+        if n == 1:
+            torch.manual_seed(0)
+            default = build_model(ModelConfig(size="tiny", final_cg=3))
+            model.load_state_dict(default.state_dict())
+        calls = []
+        solve = model.final_solve
+        model.final_solve = lambda *a, **kw: calls.append(1) or solve(*a, **kw)
+        with torch.no_grad():
+            outs[n] = model(k, m, [META])["image"]
+            if n == 1:
+                torch.testing.assert_close(outs[n], default(k, m, [META])["image"])
+        assert len(calls) == n
+    with pytest.raises(ValueError, match="final_cascades"):
+        resolve_config(ModelConfig(size="tiny", final_cg=3, final_cascades=4))

@@ -144,6 +144,9 @@ class QualityConfig:
     tune_slices: int = 2
     """Training slices the classical regularisation is picked on (R 16, every pattern)."""
     figure_R: int = 16
+    timing_repeats: int = 1
+    """Timed runs per method and pattern at the real slice size (the median is reported); the methods
+    take turns, so a change in the machine's load falls on all of them."""
     compare_with: list[str] = field(default_factory=list)
     """results.json files of earlier runs on the same corpus and problems: their peer arms (CG-SENSE,
     L1-wavelet, VarNet) that this run did not run are put beside this run's (table, costs, goals), so
@@ -588,7 +591,8 @@ def inference_timing(methods: dict[str, Callable[[Problem], np.ndarray]], cfg: Q
     """Seconds per slice (3 frames) of every method at a real slice size, per pattern at R 16.
 
     The k-space is the real profile's phantom at that size; Cartesian patterns use the readout crop
-    (for every method alike), ktRadial the full matrix."""
+    (for every method alike), ktRadial the full matrix. Each method runs once to warm up, then
+    `timing_repeats` times in turn with the others; the median is kept."""
     from shards.phantom import coil_maps, random_anatomy, render_images
 
     coils, ny, nx = size
@@ -598,12 +602,17 @@ def inference_timing(methods: dict[str, Callable[[Problem], np.ndarray]], cfg: Q
     out: dict[str, dict[str, float]] = {}
     for pattern in cfg.patterns:
         problem = make_problem(k, np.arange(cfg.frames), pattern, 16, cfg.seed, {"modality": "cine", "view": "sax"}, cfg)
-        for name, fn in methods.items():
-            with torch.inference_mode():
+        runs: dict[str, list[float]] = {name: [] for name in methods}
+        with torch.inference_mode():
+            for name, fn in methods.items():
                 fn(problem)  # warm-up (allocations, ESPIRiT kernels)
-                t0 = time.perf_counter()
-                fn(problem)
-            out.setdefault(name, {})[pattern] = time.perf_counter() - t0
+            for _ in range(max(cfg.timing_repeats, 1)):
+                for name, fn in methods.items():
+                    t0 = time.perf_counter()
+                    fn(problem)
+                    runs[name].append(time.perf_counter() - t0)
+        for name in methods:
+            out.setdefault(name, {})[pattern] = float(np.median(runs[name]))
         print(f"[quality] inference at {size} x {cfg.frames} frames, {pattern} R16: "
               + ", ".join(f"{n} {out[n][pattern]:.2f} s" for n in methods), file=sys.stderr)
     return out
@@ -710,7 +719,9 @@ def main(argv: list[str] | None = None) -> int:
     drawn = {n: drawn[n] for n in ["zero-filled", *ARMS] if n in drawn}  # columns in the bench's arm order
     figures = write_figures(figure_panels(drawn, eval_cases, cfg), out, list(drawn), cfg.figure_R)
     real_size = (4, 48, 96) if cfg.tiny else (10, 246, 512)
-    speed = inference_timing(methods, cfg, real_size)
+    # every method drawn is timed here, side by side, the earlier runs' peers included (their own timings
+    # were taken under another load); this run's timings win over theirs in with_earlier_arms
+    speed = inference_timing(drawn, cfg, real_size)
     for path in cfg.compare_with:  # the first file that has an arm this run lacks provides it
         rows, cost, timing, speed, tuning = with_earlier_arms(Path(path), rows, cost, timing, speed, tuning)
     report(cfg, rows, cost, timing, tuning, figures, time.perf_counter() - t_all, out, eval_cases, speed, real_size)
@@ -779,7 +790,9 @@ def report(cfg: QualityConfig, rows: list[dict], cost: dict, timing: dict, tunin
         else:
             lines.append(f"| {n} | - | - | - | - | {np.mean(timing[n]):.2f} |")
     lines += ["", f"Inference seconds per slice at {real_size[0]} coils x {real_size[1]} x {real_size[2]}, "
-              f"{cfg.frames} frames, R 16 (this CPU, {torch.get_num_threads()} thread(s)):", "",
+              f"{cfg.frames} frames, R 16 (this CPU, {torch.get_num_threads()} thread(s); median of "
+              f"{max(cfg.timing_repeats, 1)} run(s) per method, the methods in turn; a method whose weights or "
+              "settings this run could not rebuild keeps its own run's timing):", "",
               "| method | " + " | ".join(cfg.patterns) + " |", "|---|" + "---|" * len(cfg.patterns)]
     lines += [f"| {n} | " + " | ".join(f"{speed[n][p]:.2f}" for p in cfg.patterns) + " |" for n in names]
     cells = [(r["pattern"], r["R"]) for r in rows]

@@ -219,3 +219,25 @@ def test_control_parameters_get_their_own_lr(quality) -> None:
     assert moved["final_log_mu"] == pytest.approx(1e-2, rel=1e-3)
     assert moved["cascades.1.dc.weight"] == pytest.approx(1e-2, rel=1e-3)
     assert moved["cascades.0.backbone.head.bias"] == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_inference_timing_takes_turns_and_keeps_the_median(quality, monkeypatch) -> None:
+    """`timing_repeats`: each method runs once to warm up, then the methods take turns; the reported
+    time is the median of each method's timed runs (a scripted clock that advances only inside a
+    method gives known durations)."""
+    import dataclasses
+
+    clock, order = [0.0], []
+    durations = {"A": iter([100.0, 3.0, 1.0, 2.0]), "B": iter([100.0, 5.0, 5.0, 9.0])}  # warm-up first
+
+    def method(name):
+        def run(problem):
+            order.append(name)
+            clock[0] += next(durations[name])
+        return run
+
+    monkeypatch.setattr(quality.time, "perf_counter", lambda: clock[0])
+    cfg = dataclasses.replace(quality.QualityConfig(), patterns=["Uniform"], timing_repeats=3)
+    out = quality.inference_timing({"A": method("A"), "B": method("B")}, cfg, size=(2, 24, 40))
+    assert order == ["A", "B"] + ["A", "B"] * 3
+    assert out == {"A": {"Uniform": 2.0}, "B": {"Uniform": 5.0}}

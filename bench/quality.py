@@ -125,6 +125,9 @@ class QualityConfig:
     """Weights the "cmrfm scratch" arm starts from instead of its random init (an earlier run's
     <out>/weights/cmrfm_scratch.safetensors; the same `model` config). With train_seconds = 0 it is
     scored as saved: inference-only ablations (e.g. more CG iterations at test time) need no training."""
+    varnet_init: str = ""
+    """The same for the VarNet arm (an earlier run's <out>/weights/VarNet.safetensors, the same parameter
+    target): with train_seconds = 0 it is scored as saved, e.g. when that run's scoring did not finish."""
     pretrain_seconds: float = 600.0
     """SSDU pretraining of the cmrfm SSL arm (no reference read)."""
     adapter_seconds: float = 300.0
@@ -639,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(cfg.arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"bench/quality.py: unknown arm(s) {unknown}; known: {', '.join(ARMS)} (comma-separated)")
-    inputs = [("compare_with", p) for p in cfg.compare_with] + ([("scratch_init", cfg.scratch_init)] if cfg.scratch_init else [])
+    inputs = [("compare_with", p) for p in cfg.compare_with] + [
+        (what, path) for what, path in (("scratch_init", cfg.scratch_init), ("varnet_init", cfg.varnet_init)) if path]
     for what, path in inputs:
         if not Path(path).is_file():  # fail before hours of training, not after
             raise SystemExit(f"bench/quality.py: {what} {path}: no such file")
@@ -674,6 +678,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if "VarNet" in cfg.arms:  # same labels, masks, loss and budget; parameter count matched to cmrfm
         varnet, n_varnet = build_varnet(cfg, n_cmrfm)
+        if cfg.varnet_init:
+            from safetensors.torch import load_file
+
+            varnet.load_state_dict(load_file(cfg.varnet_init))
+            print(f"[quality] VarNet starts from {cfg.varnet_init}", file=sys.stderr)
         cost["VarNet"] = train_supervised(varnet, varnet_image, ProblemSampler(train_cases, cfg, train_seed(cfg) + 1), cfg,
                                           cfg.train_seconds, cfg.lr, "VarNet") | {"parameters": n_varnet}
         methods["VarNet"] = lambda p: varnet_image(varnet, p).numpy()

@@ -175,6 +175,26 @@ def test_train_steps_trains_the_scratch_arm_exactly_that_many_steps(quality, tmp
         quality.main(["--set", "tiny=true", "--set", f"out={tmp_path / 'x'}", "--set", "scratch_init=/nonexistent.safetensors"])
 
 
+@pytest.mark.slow
+def test_varnet_init_scores_saved_varnet_weights_as_they_scored(quality, tmp_path: Path) -> None:
+    """`varnet_init` with train_seconds 0: VarNet's saved weights, scored again, give the scores of the
+    run that trained them (a run whose scoring was lost need not retrain)."""
+    common = ["--set", "tiny=true", "--set", "threads=1", "--set", "patterns=Uniform", "--set", "arms=VarNet"]
+    assert quality.main(common + ["--set", f"out={tmp_path}", "--set", "train_seconds=3"]) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert first["cost"]["VarNet"]["steps"] > 0
+    again = tmp_path / "again"
+    assert quality.main(common + ["--set", f"out={again}", "--set", f"corpus_dir={tmp_path / 'data'}",
+                                  "--set", "train_seconds=0",
+                                  "--set", f"varnet_init={tmp_path / 'weights' / 'VarNet.safetensors'}"]) == 0
+    second = json.loads((again / "results.json").read_text())
+    assert second["cost"]["VarNet"]["steps"] == 0
+    for a, b in zip(first["rows"], second["rows"]):
+        assert a["VarNet"]["psnr"] == pytest.approx(b["VarNet"]["psnr"], abs=1e-4)
+    with pytest.raises(SystemExit, match="varnet_init .*no such file"):
+        quality.main(common + ["--set", f"out={tmp_path / 'x'}", "--set", "varnet_init=/nonexistent.safetensors"])
+
+
 def test_problem_ranking_window_follows_the_readout_crop(quality) -> None:
     """A readout-cropped (and shifted) Cartesian problem's ranking window holds the same pixels as the
     ranking crop of the uncropped problem: the region the loss reads is the scored one either way."""

@@ -137,8 +137,9 @@ class QualityConfig:
     the challenge scores (docs/design.md §7)."""
     lr: float = 1e-3
     lr_control: float = 30.0
-    """The cmrfm scratch arm's lr multiplier for the model's scalar controls (update gains and gates, DC
-    weights, the final solve's mu: `models.recon.is_control_parameter`)."""
+    """The lr multiplier for the model's scalar controls (update gains and gates, DC weights, the final
+    solve's mu: `models.recon.is_control_parameter`) wherever the whole model trains (cmrfm scratch, SSL
+    pretraining); adapters train only their own weights."""
     lr_adapter: float = 3e-3
     adapter_rank: int = 8
     adapter_targets: str = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
@@ -400,8 +401,8 @@ def train_ssl(model: torch.nn.Module, sampler: ProblemSampler, cfg: QualityConfi
         return ssdu_step_loss(model, b, objective, train_seed(cfg), step[0])
 
     model.train()
-    stats = train_for(cfg.pretrain_seconds, list(model.parameters()), loss_fn, cfg.lr, "cmrfm SSL pretraining",
-                      max_steps)
+    stats = train_for(cfg.pretrain_seconds, control_groups(model, cfg.lr, cfg.lr_control), loss_fn, cfg.lr,
+                      "cmrfm SSL pretraining", max_steps)
     model.eval()
     return stats
 
@@ -696,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
 
             scratch.load_state_dict(load_file(cfg.scratch_init))
             print(f"[quality] cmrfm scratch starts from {cfg.scratch_init}", file=sys.stderr)
-        groups = control_groups(scratch, cfg.lr, cfg.lr_control) if cfg.lr_control != 1.0 else None
+        groups = control_groups(scratch, cfg.lr, cfg.lr_control)
         cost["cmrfm scratch"] = train_supervised(scratch, cmrfm_image, ProblemSampler(train_cases, cfg, train_seed(cfg) + 1),
                                                  cfg, cfg.train_seconds, cfg.lr, "cmrfm scratch", groups,
                                                  max_steps=cfg.train_steps) | {"parameters": n_cmrfm}

@@ -34,7 +34,9 @@ every training file) and each seed in `seeds`; table + PNG. Budgets are wall-clo
 (bench/quality.py's `train_for`), so a slower arm gets fewer steps; the steps are reported. With
 `finetune_steps` / `pretrain_steps` > 0 every arm gets exactly that many steps instead (step-matched,
 independent of the machine's load).
-The adapters of (a) are written in the PEFT layout under <out>/adapters/<labelled>_s<seed>/cine_<pattern>/.
+The adapters of (a) are written in the PEFT layout under <out>/adapters/<labelled>_s<seed>/cine_<pattern>/
+(a further variant of `label_variants` under <labelled>_s<seed>_<variant>/). `pretrained=<safetensors>` loads
+an SSL backbone (e.g. a bench/tta_followup.py run's) as (f) instead of pretraining.
 Scores: clean PSNR/SSIM (reference as the reference) on the official crop of the held-out files at R
 `R` for each pattern (challenge.metrics.score_file).
 """

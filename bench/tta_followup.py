@@ -11,8 +11,8 @@ AdaptConfig.start = "backbone"), "best adapter" (on the supervised adapter, star
 "stack" (adapted on (f), its weight change then added to the supervised model); a<w> and d<x> set
 AdaptConfig.anchor and max_drift. A run folder without the backbone or the adapter (e.g. /tmp wiped)
 gets them rebuilt first, with label_efficiency's seeds and order (`pretrain_steps`, `finetune_steps`).
-Written to <run>/tta_followup.json (atomically) and printed as a table. Used for the third and fourth
-passes of BENCHMARKS.md (issue 14).
+Written to <run>/tta_followup.json (atomically) and printed as a table. Used for the third, fourth and
+fifth passes of BENCHMARKS.md (issue 14; the fifth rebuilt its `best` adapter with `adapter_lr`).
 """
 
 from __future__ import annotations

@@ -217,7 +217,9 @@ def test_label_grid_on_a_loaded_backbone_with_two_adapter_variants(tmp_path: Pat
     adapter then score exactly as in that run (every arm seeds itself); `label_variants=2` trains the second of
     `forms` as a further arm (a) at every labelled count and seed, with its own adapter folder and columns, and
     reuses it for the ablation's row."""
-    common = ["tiny=true", "labelled=all", "seeds=0", "adapt_sets=", "adapt_steps=0"]
+    # step-matched (tiny caps these at 3 and 2): a wall-clock budget would make the two runs' step counts differ
+    common = ["tiny=true", "labelled=all", "seeds=0", "adapt_sets=", "adapt_steps=0", "pretrain_steps=3",
+              "finetune_steps=2"]
 
     def bench(out: Path, *extra: str) -> dict:
         args = common + [f"out={out}", *extra]

@@ -34,7 +34,9 @@ every training file) and each seed in `seeds`; table + PNG. Budgets are wall-clo
 (bench/quality.py's `train_for`), so a slower arm gets fewer steps; the steps are reported. With
 `finetune_steps` / `pretrain_steps` > 0 every arm gets exactly that many steps instead (step-matched,
 independent of the machine's load).
-The adapters of (a) are written in the PEFT layout under <out>/adapters/<labelled>_s<seed>/cine_<pattern>/.
+The adapters of (a) are written in the PEFT layout under <out>/adapters/<labelled>_s<seed>/cine_<pattern>/
+(a further variant of `label_variants` under <labelled>_s<seed>_<variant>/). `pretrained=<safetensors>` loads
+an SSL backbone (e.g. a bench/tta_followup.py run's) as (f) instead of pretraining.
 Scores: clean PSNR/SSIM (reference as the reference) on the official crop of the held-out files at R
 `R` for each pattern (challenge.metrics.score_file).
 """
@@ -57,7 +59,7 @@ if __package__ in (None, ""):  # run as a script from any directory
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from challenge.metrics import score_file
 from challenge.ranking import crop_selected, img4ranking_from_kspace, select_frames, select_slices
@@ -106,6 +108,14 @@ class LabelEfficiencyConfig:
     forms: list[str] = field(default_factory=lambda: list(ABLATION))
     """Adapter variants of arm (a) (`parse_variant`: forms, rank, layer groups, cascades); the first is the
     label-efficiency one, every one is run on every labelled file, first seed (the ablation table)."""
+    label_variants: int = 1
+    """How many of `forms`, from the first, are arm (a) of the label grid: each is trained at every labelled count
+    and seed beside (b) and (c) and gets its own columns and plot line (e.g. forms=lora:r16:conv,
+    lora+scale_shift:r16:conv with label_variants=2: the conv LoRA with and without scale-shift)."""
+    pretrained: str = ""
+    """An SSL backbone (safetensors of a model built from `model`, e.g. <run>/pretrained.safetensors of an earlier
+    run or of bench/tta_followup.py) loaded as (f) instead of SSL pretraining (`pretrain_steps` is then only
+    reported): the label grid on the backbone a test-time run used, without pretraining again."""
     adapter_rank: int = 8
     """LoRA rank of a variant that names none (alpha = 2 r for every rank)."""
     pretrain_seconds: float = 300.0
@@ -373,6 +383,10 @@ def tiny_settings(cfg: LabelEfficiencyConfig) -> LabelEfficiencyConfig:
 def run(cfg: LabelEfficiencyConfig) -> dict:
     cfg = tiny_settings(cfg)
     variants = [parse_variant(v, cfg.adapter_rank) for v in cfg.forms]
+    if not 1 <= cfg.label_variants <= len(variants):
+        raise SystemExit(f"bench/label_efficiency.py: label_variants={cfg.label_variants} must be 1 to the number of "
+                         f"forms ({len(variants)})")
+    label_variants = variants[:cfg.label_variants]
     adapt_variants = [parse_adapt_variant(v, 4, cfg.adapt_lr) for v in cfg.adapt_variants]
     bad_sets = sorted(set(cfg.adapt_sets) - set(ADAPT_SETS))
     if bad_sets or not adapt_variants:
@@ -389,7 +403,11 @@ def run(cfg: LabelEfficiencyConfig) -> dict:
     n_params = parameter_count(build_model(cfg.model, device="meta"))
     torch.manual_seed(cfg.seed)
     pretrained = build_model(cfg.model)
-    ssl = Q.train_ssl(pretrained, Q.ProblemSampler(train_cases, qc, cfg.seed + 2), qc, cfg.pretrain_steps)
+    if cfg.pretrained:  # strict: a backbone of another model config is refused by load_state_dict
+        pretrained.load_state_dict(load_file(cfg.pretrained))
+        ssl = {"steps": cfg.pretrain_steps, "seconds": 0.0, "loaded": cfg.pretrained}
+    else:
+        ssl = Q.train_ssl(pretrained, Q.ProblemSampler(train_cases, qc, cfg.seed + 2), qc, cfg.pretrain_steps)
     # the SSL backbone (f), kept so test-time adaptation can be probed again without pretraining anew
     state = {k: v.detach().contiguous() for k, v in pretrained.state_dict().items()}
     write_atomic(out / "pretrained.safetensors", lambda path: save_file(state, str(path)))
@@ -404,26 +422,35 @@ def run(cfg: LabelEfficiencyConfig) -> dict:
             "pretrained": score(lambda p: Q.cmrfm_image(pretrained, p), files),
             "R_eff": effective_acceleration(files), "labels": [], "forms": [], "test_time": [], "sets": {},
             "ablation_labelled": len(train_cases)}
-        best_adapter, best_psnr, reuse = None, -np.inf, None
+        best_adapter, best_psnr = None, -np.inf
+        reuse: dict[str, tuple] = {}  # variant spec -> (model, stats) on every file, first seed: the ablation's row
         for n in cfg.labelled:
             subset = train_cases if n == "all" else train_cases[:int(n)]
             for seed in cfg.seeds:
-                row = {"labelled": len(subset), "seed": seed}
-                for mode in ("adapter", "scratch", "full"):
-                    model, stats = train_arm(pretrained, subset, pattern, seed, mode, qc, cfg, variants[0])
-                    row[mode] = score(lambda p: Q.cmrfm_image(model, p), files) | {
+                row: dict = {"labelled": len(subset), "seed": seed, "adapter_variants": {}}
+                arms = [("adapter", v) for v in label_variants] + [("scratch", None), ("full", None)]
+                for i, (mode, variant) in enumerate(arms):
+                    model, stats = train_arm(pretrained, subset, pattern, seed, mode, qc, cfg, variant)
+                    scored = score(lambda p: Q.cmrfm_image(model, p), files) | {
                         "steps": stats["steps"], "trainable": stats["trainable"]}
+                    # the first variant is "adapter" (the table's arm (a)); further ones are keyed by their spec
+                    if mode != "adapter" or i == 0:
+                        row[mode] = scored
+                    else:
+                        row["adapter_variants"][variant.spec] = scored
                     if mode == "adapter":
-                        save_adapter(model, out / "adapters" / f"{n}_s{seed}" / f"cine_{pattern}",
+                        name = f"{n}_s{seed}" if i == 0 else f"{n}_s{seed}_{re.sub(r'[^A-Za-z0-9_+-]', '_', variant.spec)}"
+                        save_adapter(model, out / "adapters" / name / f"cine_{pattern}",
                                      {"contrast": "cine", "pattern": pattern, "labelled_files": len(subset)})
                         if len(subset) == len(train_cases) and seed == cfg.seeds[0]:
-                            reuse = (model, stats)  # the ablation's first variant: same labels, seed, budget
-                        if row[mode]["psnr"] > best_psnr:
-                            best_adapter, best_psnr = copy.deepcopy(model), row[mode]["psnr"]
+                            reuse[variant.spec] = (model, stats)  # same labels, seed and budget as the ablation
+                        if scored["psnr"] > best_psnr:
+                            best_adapter, best_psnr = copy.deepcopy(model), scored["psnr"]
                 res["labels"].append(row)
                 save_partial(results, cfg, out)
                 print(f"[label_efficiency] {pattern} {len(subset)} files seed {seed}: " + ", ".join(
-                    f"{m} {row[m]['psnr']:.2f}" for m in ("adapter", "scratch", "full")), file=sys.stderr)
+                    [f"{m} {row[m]['psnr']:.2f}" for m in ("adapter", "scratch", "full")] +
+                    [f"{k} {v['psnr']:.2f}" for k, v in row["adapter_variants"].items()]), file=sys.stderr)
         merge_adapters(best_adapter)
         unlike = [dataclasses.replace(c, kspace=c.kspace[:, :, :cfg.unlike_coils] * cfg.unlike_scale) for c in eval_cases]
         unlike_name = f"held-out, {cfg.unlike_coils} coils, k-space x{cfg.unlike_scale:g}"
@@ -463,7 +490,7 @@ def run(cfg: LabelEfficiencyConfig) -> dict:
                     save_partial(results, cfg, out)
         # the ablation after test-time adaptation: a run stopped midway (save_partial) still has both
         for v in variants:  # on every labelled file, first seed
-            model, stats = reuse if (v is variants[0] and reuse) else \
+            model, stats = reuse[v.spec] if v.spec in reuse else \
                 train_arm(pretrained, train_cases, pattern, cfg.seeds[0], "adapter", qc, cfg, v)
             folder = save_adapter(model, out / "adapters" / "ablation" / re.sub(r"[^A-Za-z0-9_+-]", "_", v.spec)
                                   / f"cine_{pattern}", {"contrast": "cine", "pattern": pattern, "variant": v.spec})
@@ -496,7 +523,9 @@ def report(results: dict, cfg: LabelEfficiencyConfig, n_params: int) -> str:
     budget = (f"{cfg.finetune_steps} steps per fine-tuning arm" if cfg.finetune_steps else
               f"{cfg.finetune_seconds:g} s per fine-tuning arm")
     lines = [f"Held-out {cfg.held_out}, R {cfg.R}, clean PSNR / SSIM on the official crop; "
-             f"model {n_params:,} parameters; SSL pretraining {results['pretrain']['steps']} steps; {budget}."]
+             f"model {n_params:,} parameters; SSL pretraining {results['pretrain']['steps']} steps" +
+             (f" (backbone loaded from {results['pretrain']['loaded']})" if results["pretrain"].get("loaded") else "") +
+             f"; {budget}."]
     mats = results["matrices"]
     lines += ["", "| files | ny | nx | coils |", "|---|---|---|---|"]
     lines += [f"| {name} ({m['files']}) | {m['ny'][0]}-{m['ny'][1]} | {m['nx'][0]}-{m['nx'][1]} | "
@@ -506,14 +535,19 @@ def report(results: dict, cfg: LabelEfficiencyConfig, n_params: int) -> str:
         lines += ["", f"**{pattern}** (effective acceleration {res['R_eff']:.1f}x): zero-filled "
                   f"{res['zero-filled']['psnr']:.2f} / {res['zero-filled']['ssim']:.4f}, "
                   f"CG-SENSE {res['CG-SENSE']['psnr']:.2f} / {res['CG-SENSE']['ssim']:.4f}, "
-                  f"pretrained (f) {f:.2f} / {res['pretrained']['ssim']:.4f}", "",
-                  "| labelled files | seed | (a) adapter | (b) scratch | (c) full FT | (a)-(b) dB | (a) share of (c)'s gain over (f) |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"pretrained (f) {f:.2f} / {res['pretrained']['ssim']:.4f}", ""]
+        extra = list(res["labels"][0].get("adapter_variants", {})) if res["labels"] else []
+        lines += ["| labelled files | seed | (a) adapter | " + "".join(f"(a) `{k}` | " for k in extra) +
+                  "(b) scratch | (c) full FT | (a)-(b) dB | (a) share of (c)'s gain over (f) | " +
+                  "".join(f"`{k}` share | " for k in extra), "|---|---|---|---|---|---|---|" + "---|---|" * len(extra)]
         for r in res["labels"]:
             a, b, c = r["adapter"], r["scratch"], r["full"]
-            lines.append(f"| {r['labelled']} | {r['seed']} | {a['psnr']:.2f} / {a['ssim']:.4f} ({a['steps']} steps) | "
+            more = [r["adapter_variants"][k] for k in extra]
+            lines.append(f"| {r['labelled']} | {r['seed']} | {a['psnr']:.2f} / {a['ssim']:.4f} ({a['steps']} steps) | " +
+                         "".join(f"{m['psnr']:.2f} / {m['ssim']:.4f} | " for m in more) +
                          f"{b['psnr']:.2f} / {b['ssim']:.4f} ({b['steps']}) | {c['psnr']:.2f} / {c['ssim']:.4f} "
-                         f"({c['steps']}) | {a['psnr'] - b['psnr']:+.2f} | {_percent(a['psnr'] - f, c['psnr'] - f)} |")
+                         f"({c['steps']}) | {a['psnr'] - b['psnr']:+.2f} | {_percent(a['psnr'] - f, c['psnr'] - f)} | " +
+                         "".join(f"{_percent(m['psnr'] - f, c['psnr'] - f)} | " for m in more))
         last = res["labels"][-1]
         same = [r for r in res["labels"] if r["labelled"] == res["ablation_labelled"] and r["seed"] == cfg.seeds[0]]
         c_gain = same[0]["full"]["psnr"] - f if same else float("nan")  # (c) on the ablation's labels and seed
@@ -564,10 +598,14 @@ def plot(results: dict, path: Path) -> None:
         res = results["patterns"][pattern]
         for k, metric in enumerate(("psnr", "ssim")):
             ax = axes[k, j]
-            for mode, label in (("adapter", "(a) SSL + adapter"), ("scratch", "(b) scratch"), ("full", "(c) full FT")):
+            extra = list(res["labels"][0].get("adapter_variants", {})) if res["labels"] else []
+            curves = [(lambda r: r["adapter"], "(a) SSL + adapter")]
+            curves += [(lambda r, k=k: r["adapter_variants"][k], f"(a) SSL + {k}") for k in extra]
+            curves += [(lambda r: r["scratch"], "(b) scratch"), (lambda r: r["full"], "(c) full FT")]
+            for arm, label in curves:
                 by_n: dict[int, list[float]] = {}
                 for r in res["labels"]:
-                    by_n.setdefault(r["labelled"], []).append(r[mode][metric])
+                    by_n.setdefault(r["labelled"], []).append(arm(r)[metric])
                 xs = sorted(by_n)
                 ax.errorbar(xs, [np.mean(by_n[x]) for x in xs], yerr=[np.std(by_n[x]) for x in xs], marker="o",
                             label=label, capsize=3)

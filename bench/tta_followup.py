@@ -11,8 +11,8 @@ AdaptConfig.start = "backbone"), "best adapter" (on the supervised adapter, star
 "stack" (adapted on (f), its weight change then added to the supervised model); a<w> and d<x> set
 AdaptConfig.anchor and max_drift. A run folder without the backbone or the adapter (e.g. /tmp wiped)
 gets them rebuilt first, with label_efficiency's seeds and order (`pretrain_steps`, `finetune_steps`).
-Written to <run>/tta_followup.json (atomically) and printed as a table. Used for the third and fourth
-passes of BENCHMARKS.md (issue 14).
+Written to <run>/tta_followup.json (atomically) and printed as a table. Used for the third, fourth and
+fifth passes of BENCHMARKS.md (issue 14; the fifth rebuilt its `best` adapter with `adapter_lr`).
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ class FollowupConfig:
     as bench/label_efficiency.py builds them (same seeds and order), e.g. after /tmp was wiped."""
     adapter: str = "lora:r16:conv"
     """Variant of the `best` adapter when it has to be trained (label_efficiency's arm (a))."""
+    adapter_lr: float = 0.0
+    """Learning rate of the `best` adapter when it has to be trained (0 = label_efficiency's `lr_adapter`,
+    3e-3; the fourth pass found 1e-2 best for the conv LoRA, BENCHMARKS.md issue 14)."""
     runs: list[str] = field(default_factory=lambda: [
         "held-out/pretrained/0", "held-out/pretrained/20", "held-out/best adapter/0", "held-out/best adapter/50",
         "unlike-matrix/pretrained/0", "unlike-matrix/pretrained/20", "unlike-matrix/pretrained/50",
@@ -205,10 +208,13 @@ def prepare(cfg: FollowupConfig, le, qc, out: Path, train_cases: list) -> None:
         subset = train_cases if labelled == "all" else train_cases[:int(labelled)]
         base = build_model(le.model)
         base.load_state_dict(load_file(str(weights)))
-        model, stats = LE.train_arm(base.eval(), subset, cfg.pattern, int(seed), "adapter", qc, le,
+        train = dataclasses.replace(le, lr_adapter=cfg.adapter_lr or le.lr_adapter)
+        model, stats = LE.train_arm(base.eval(), subset, cfg.pattern, int(seed), "adapter", qc, train,
                                     LE.parse_variant(cfg.adapter, le.adapter_rank))
-        print(f"[tta_followup] adapter {cfg.best} ({cfg.adapter}): {stats['steps']} steps", flush=True)
-        save_adapter(model, folder, {"contrast": "cine", "pattern": cfg.pattern, "labelled_files": len(subset)})
+        print(f"[tta_followup] adapter {cfg.best} ({cfg.adapter}, lr {train.lr_adapter:g}): {stats['steps']} steps",
+              flush=True)
+        save_adapter(model, folder, {"contrast": "cine", "pattern": cfg.pattern, "labelled_files": len(subset),
+                                     "variant": cfg.adapter, "lr": train.lr_adapter})
 
 
 def main(argv: list[str] | None = None) -> int:

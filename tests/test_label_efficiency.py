@@ -184,6 +184,7 @@ def test_tta_followup_rebuilds_a_missing_run_and_runs_every_start(tmp_path: Path
             "held-out/best adapter/2", "held-out/best adapter/2/a5"]
     proc = subprocess.run([sys.executable, str(ROOT / "bench/tta_followup.py"), "--set", "tiny=true", "--set", f"run={run}",
                            "--set", "best=1_s0", "--set", "variant=lora:r2:conv@1e-2", "--set", "adapt_windows=2",
+                           "--set", "adapter=lora:r2:conv", "--set", "adapter_lr=1e-2", "--set", "ablation_labelled=1",
                            "--set", "runs=" + ",".join(runs), "--set", "ablation=full,lora:r2:conv@1e-2"],
                           cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -199,6 +200,62 @@ def test_tta_followup_rebuilds_a_missing_run_and_runs_every_start(tmp_path: Path
     ablation = json.loads((run / "tta_followup.json").read_text())["ablation"]
     assert [(r["spec"], r["lr"], r["steps"]) for r in ablation] == [("full", 1e-3, 2), ("lora:r2:conv@1e-2", 1e-2, 2)]
     assert ablation[1]["trainable"] < ablation[0]["trainable"] and ablation[0]["share"] == 1.0
+    # the rebuilt "best" adapter (adapter=lora:r2:conv at adapter_lr 1e-2 on 1 file, seed 0) is the ablation's
+    # "lora:r2:conv@1e-2" row trained by another path (ablation_rows, unmerged): the same model, so the same score
+    # (to the merge's rounding); at the bench's default lr 3e-3 it would differ
+    assert ablation[1]["psnr"] == pytest.approx(rows[1]["psnr"], abs=1e-3)
+    saved = json.loads((run / "adapters/1_s0/cine_ktGaussian/adapter_config.json").read_text())
+    assert (saved["variant"], saved["lr"], saved["r"]) == ("lora:r2:conv", 1e-2, 2)
     bad = subprocess.run([sys.executable, str(ROOT / "bench/tta_followup.py"), "--set", f"run={run}",
                           "--set", "runs=held-out/supervised/2"], cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode != 0 and "held-out/supervised/2" in bad.stderr
+
+
+@pytest.mark.slow
+def test_label_grid_on_a_loaded_backbone_with_two_adapter_variants(tmp_path: Path) -> None:
+    """`pretrained=` loads an earlier run's SSL backbone instead of pretraining: (f), (b) and (c) and the first
+    adapter then score exactly as in that run (every arm seeds itself); `label_variants=2` trains the second of
+    `forms` as a further arm (a) at every labelled count and seed, with its own adapter folder and columns, and
+    reuses it for the ablation's row."""
+    # step-matched (tiny caps these at 3 and 2): a wall-clock budget would make the two runs' step counts differ
+    common = ["tiny=true", "labelled=all", "seeds=0", "adapt_sets=", "adapt_steps=0", "pretrain_steps=3",
+              "finetune_steps=2"]
+
+    def bench(out: Path, *extra: str) -> dict:
+        args = common + [f"out={out}", *extra]
+        proc = subprocess.run([sys.executable, str(ROOT / "bench/label_efficiency.py")]
+                              + [a for kv in args for a in ("--set", kv)], cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((out / "results.json").read_text())
+
+    first = bench(tmp_path / "a", "forms=lora:r2:conv")
+    second = bench(tmp_path / "b", f"pretrained={tmp_path / 'a' / 'pretrained.safetensors'}",
+                   "forms=lora:r2:conv,lora+scale_shift:r2:conv", "label_variants=2")
+    assert second["pretrain"]["loaded"].endswith("pretrained.safetensors")
+    a, b = first["patterns"]["ktGaussian"], second["patterns"]["ktGaussian"]
+    for key in ("psnr", "ssim"):                                   # the same backbone, not a second draw
+        assert b["pretrained"][key] == a["pretrained"][key]
+    (ra,), (rb,) = a["labels"], b["labels"]
+    for arm in ("adapter", "scratch", "full"):
+        assert rb[arm]["psnr"] == ra[arm]["psnr"] and rb[arm]["ssim"] == ra[arm]["ssim"]
+    assert ra["adapter_variants"] == {} and list(rb["adapter_variants"]) == ["lora+scale_shift:r2:conv"]
+    extra = rb["adapter_variants"]["lora+scale_shift:r2:conv"]
+    # the tiny bench model (2 cascades, conv 4): LoRA r (in k k + out) per conv, plus a scale and a shift per
+    # output channel of each conv (stem 2 -> 4 -> 4, head 4 -> 4 -> 2), as the end-to-end test counts them
+    c, conv_out = 4, [4, 4, 4, 2]
+    conv_r2 = 2 * 2 * ((2 * 9 + c) + (c * 9 + c) + (c * 9 + c) + (c * 9 + 2))
+    assert rb["adapter"]["trainable"] == conv_r2 and extra["trainable"] == conv_r2 + 2 * 2 * sum(conv_out)
+    assert math.isfinite(extra["psnr"]) and extra["steps"] == rb["adapter"]["steps"]
+    assert (tmp_path / "b/adapters/all_s0_lora+scale_shift_r2_conv/cine_ktGaussian/adapter_config.json").is_file()
+    # the ablation's rows (every labelled file, first seed) are the grid's models, not retrained
+    assert [(f["spec"], f["psnr"]) for f in b["forms"]] == [("lora:r2:conv", rb["adapter"]["psnr"]),
+                                                           ("lora+scale_shift:r2:conv", extra["psnr"])]
+    text = (tmp_path / "b/label_efficiency.md").read_text()
+    assert "(a) `lora+scale_shift:r2:conv`" in text and "backbone loaded from" in text
+
+
+def test_label_variants_beyond_forms_are_refused_before_any_data_is_read(tmp_path: Path) -> None:
+    le = _bench()
+    with pytest.raises(SystemExit, match="label_variants=3"):
+        le.run(le.LabelEfficiencyConfig(out=str(tmp_path / "x"), forms=["lora", "lora:conv"], label_variants=3))
+    assert not (tmp_path / "x").exists()

@@ -60,6 +60,11 @@ def sense_adjoint(kspace: torch.Tensor, sens: torch.Tensor, mask: torch.Tensor |
     return sens_reduce(ifft2c(kspace), sens)
 
 
+def sense_normal(image: torch.Tensor, sens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A^H A x = S^H F^H M F S x, the normal operator CG-SENSE and the model's solves invert: (B, T, Y, X)."""
+    return sense_adjoint(sense_forward(image, sens, mask), sens)
+
+
 def _grow_block(sampled: np.ndarray, y: int, x: int) -> tuple[int, int, int, int]:
     """Largest all-ones rectangle grown one row/column at a time from the seed (y, x).
 

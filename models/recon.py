@@ -22,15 +22,15 @@ Shapes: kspace complex64 (B, T, C, Y, X), mask float32 (B, T, Y, X), meta list o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterator
-
+import functools
 import math
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
 
 from models.backbone import Backbone
-from models.coils import CoilRefiner, SensitivityModel, rss, sense_adjoint, sense_forward
+from models.coils import CoilRefiner, SensitivityModel, rss, sense_adjoint, sense_forward, sense_normal
 from models.conditioning import Conditioning
 from models.consistency import DataConsistency, cg_sense
 from models.fft import ifft2c
@@ -179,7 +179,7 @@ class ReconModel(nn.Module):
         solve is SENSE unfolding with the cascades' image as the prior; under ktRadial it also fills the
         k-space between spokes from the coils. Where the data say nothing (A's null space) x stays z."""
         mu = self.final_mu(cond)[:, None, None, None]  # (B, 1, 1, 1)
-        normal = lambda x: sense_adjoint(sense_forward(x, sens, mask), sens)  # noqa: E731  A^H A
+        normal = functools.partial(sense_normal, sens=sens, mask=mask)
         return cg_sense(sense_adjoint(measured, sens) + mu * image, normal, mu, self.config.final_cg, x0=image)
 
     def sense_image(self, adjoint: torch.Tensor, mask: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
@@ -189,7 +189,7 @@ class ReconModel(nn.Module):
         still learn through the cascades' data consistency."""
         with torch.no_grad():
             s = sens.detach()
-            normal = lambda x: sense_adjoint(sense_forward(x, s, mask), s)  # noqa: E731  A^H A
+            normal = functools.partial(sense_normal, sens=s, mask=mask)
             return cg_sense(adjoint.detach(), normal, self.config.sense_mu, self.config.sense_init)
 
     @staticmethod

@@ -364,10 +364,11 @@ def train_for(seconds: float, params: list[torch.nn.Parameter] | list[dict], los
 
 def control_groups(model: torch.nn.Module, lr: float, scale: float) -> list[dict]:
     """The model's trainable parameters as two AdamW groups: the scalar controls at lr x scale, the rest at lr."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    control = [p for n, p in named if is_control_parameter(n)]
-    return [{"params": [p for n, p in named if not is_control_parameter(n)], "lr": lr},
-            {"params": control, "lr": lr * scale}]
+    weights, controls = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (controls if is_control_parameter(n) else weights).append(p)
+    return [{"params": weights, "lr": lr}, {"params": controls, "lr": lr * scale}]
 
 
 def train_supervised(model: torch.nn.Module, image_fn: Callable, sampler: ProblemSampler, cfg: QualityConfig,
@@ -510,12 +511,18 @@ def save_weights(trained: dict[str, torch.nn.Module], folder: Path) -> None:
         write_atomic(folder / weights_name(arm), save(tensors, metadata={"arm": arm}))
 
 
+def load_saved(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """`model` with the weights `save_weights` wrote to `path` (safetensors: no pickle)."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))
+    return model
+
+
 def earlier_methods(path: Path, cfg: QualityConfig, n_cmrfm: int) -> dict[str, Callable[[Problem], np.ndarray]]:
     """The peer arms of an earlier run (`compare_with`) as methods, for the figures: the classical arms
     with the regularisation that run tuned, VarNet from the weights it saved (same build: the same
     parameter target and config). A peer that cannot be rebuilt is left out of the figures, loudly."""
-    from safetensors.torch import load_file
-
     earlier = json.loads(path.read_text())
     arms = set(earlier["rows"][0]) & PEER_ARMS
     methods: dict[str, Callable[[Problem], np.ndarray]] = {}
@@ -525,9 +532,7 @@ def earlier_methods(path: Path, cfg: QualityConfig, n_cmrfm: int) -> dict[str, C
     if "VarNet" in arms:
         weights = path.parent / "weights" / weights_name("VarNet")
         if weights.is_file():
-            varnet, _ = build_varnet(cfg, n_cmrfm)
-            varnet.load_state_dict(load_file(str(weights)))
-            varnet.eval()
+            varnet = load_saved(build_varnet(cfg, n_cmrfm)[0], weights).eval()
             methods["VarNet"] = lambda p: varnet_image(varnet, p).numpy()
         else:
             print(f"[quality] WARNING: {weights} is missing: the figures leave out {path}'s VarNet column "
@@ -680,9 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     if "VarNet" in cfg.arms:  # same labels, masks, loss and budget; parameter count matched to cmrfm
         varnet, n_varnet = build_varnet(cfg, n_cmrfm)
         if cfg.varnet_init:
-            from safetensors.torch import load_file
-
-            varnet.load_state_dict(load_file(cfg.varnet_init))
+            load_saved(varnet, cfg.varnet_init)
             print(f"[quality] VarNet starts from {cfg.varnet_init}", file=sys.stderr)
         cost["VarNet"] = train_supervised(varnet, varnet_image, ProblemSampler(train_cases, cfg, train_seed(cfg) + 1), cfg,
                                           cfg.train_seconds, cfg.lr, "VarNet") | {"parameters": n_varnet}
@@ -693,9 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(train_seed(cfg))
         scratch = build_model(cfg.model)
         if cfg.scratch_init:
-            from safetensors.torch import load_file
-
-            scratch.load_state_dict(load_file(cfg.scratch_init))
+            load_saved(scratch, cfg.scratch_init)
             print(f"[quality] cmrfm scratch starts from {cfg.scratch_init}", file=sys.stderr)
         groups = control_groups(scratch, cfg.lr, cfg.lr_control)
         cost["cmrfm scratch"] = train_supervised(scratch, cmrfm_image, ProblemSampler(train_cases, cfg, train_seed(cfg) + 1),

@@ -166,7 +166,7 @@ class ReconModel(nn.Module):
                 image = sense_adjoint(estimate, sens)
         return {"image": image, "kspace": estimate, "sens": sens}
 
-    def final_mu(self, cond: torch.Tensor) -> torch.Tensor:
+    def solve_mu(self, cond: torch.Tensor) -> torch.Tensor:
         """The final solve's per-sample mu: cond (B, K, D) -> float32 (B,)."""
         return torch.exp(self.final_log_mu.float() + cond.float().mean(1) @ self.final_mu_weight.float())
 
@@ -178,7 +178,7 @@ class ReconModel(nn.Module):
         Under a 1-D Cartesian mask A^H A only mixes the phase-encode lines the coils alias together, so the
         solve is SENSE unfolding with the cascades' image as the prior; under ktRadial it also fills the
         k-space between spokes from the coils. Where the data say nothing (A's null space) x stays z."""
-        mu = self.final_mu(cond)[:, None, None, None]  # (B, 1, 1, 1)
+        mu = self.solve_mu(cond)[:, None, None, None]  # (B, 1, 1, 1)
         normal = functools.partial(sense_normal, sens=sens, mask=mask)
         return cg_sense(sense_adjoint(measured, sens) + mu * image, normal, mu, self.config.final_cg, x0=image)
 

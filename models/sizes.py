@@ -76,9 +76,10 @@ class ModelConfig:
     adaLN-Zero gate, 1 at init; models/backbone.py): the update can shrink on nearly clean inputs."""
     final_cg: int | None = None
     """CG iterations of a data-consistency solve in the last cascade(s) (`final_cascades`), between the
-    backbone and the DC (MoDL's DC block): x = argmin ||M F S x - y||^2 + mu ||x - z||^2 from x0 = z, z the backbone's
-    image, with a learned per-sample mu (0: off). The cascades' DC replaces measured samples coil by coil; this solve also
-    moves the unmeasured ones by the coils' coupling (parallel imaging), models/recon.py."""
+    backbone and the DC (MoDL's DC block): x = argmin ||M F S x - y||^2 + mu ||x - z||^2 from x0 = z,
+    z the backbone's image, with a learned per-sample mu (0: off). The cascades' DC replaces measured
+    samples coil by coil; this solve also moves the unmeasured ones by the coils' coupling (parallel
+    imaging), models/recon.py."""
     final_cascades: int | None = None
     """How many of the last cascades get the solve (1: the last only; `cascades`: every one, as MoDL)."""
     final_mu: float | None = None

@@ -327,7 +327,7 @@ def test_final_solve_is_the_dense_modl_solution_keeps_the_image_under_a_large_mu
                                    atol=1e-4, rtol=1e-3)
         solved.final_log_mu.fill_(float(np.log(0.05)))
         solved.final_mu_weight.normal_()
-        mus = solved.final_mu(solved.conditioning([META, dict(META, pattern="Uniform", R=8)]))
+        mus = solved.solve_mu(solved.conditioning([META, dict(META, pattern="Uniform", R=8)]))
         assert mus.shape == (2,) and not torch.isclose(mus[0], mus[1])
         solved.final_mu_weight.zero_()
     out = solved(k, m, [META, META])
